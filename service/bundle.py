@@ -1,0 +1,143 @@
+"""The serving bundle: the only artefact the service loads.
+
+A bundle is a directory with
+
+* ``model.safetensors``: fp32 weights (safetensors, never a pickle, so loading runs no code);
+* ``model.json``: format version, classes, normalisation, input size, architecture, metrics,
+  training provenance and the weights' sha256;
+* ``misclassified/``: PNGs of test images the model got wrong, listed in ``model.json``.
+
+Writing and reading live side by side so the format has one definition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from service.network import ARCHITECTURE, CifarResNet, build_network, count_parameters
+
+BUNDLE_FORMAT = 1
+WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "model.json"
+MISCLASSIFIED_DIR = "misclassified"
+REQUIRED_KEYS = ("format", "architecture", "classes", "mean", "std", "input_size", "weights_sha256")
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be served; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    model: CifarResNet
+    metadata: dict[str, Any]
+    path: Path
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.metadata["classes"])
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata["weights_sha256"])
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        raise BundleError(f"{meta_path}: missing (not a serving bundle?)")
+    try:
+        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{meta_path}: not valid JSON ({exc})") from exc
+    if not isinstance(metadata, dict):
+        raise BundleError(f"{meta_path}: expected a JSON object")
+    missing = [key for key in REQUIRED_KEYS if key not in metadata]
+    if missing:
+        raise BundleError(f"{meta_path}: missing keys {missing}")
+    if metadata["format"] != BUNDLE_FORMAT:
+        raise BundleError(f"{meta_path}: bundle format {metadata['format']!r}, this code reads {BUNDLE_FORMAT}")
+    if metadata["architecture"] != ARCHITECTURE:
+        raise BundleError(f"{meta_path}: architecture {metadata['architecture']!r}, expected {ARCHITECTURE!r}")
+    classes = metadata["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise BundleError(f"{meta_path}: 'classes' must be a non-empty list of names")
+    for key in ("mean", "std"):
+        value = metadata[key]
+        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int | float) for v in value)):
+            raise BundleError(f"{meta_path}: '{key}' must be three numbers")
+    return metadata
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load and verify a bundle: fp32 network in eval mode returning logits, plus its metadata.
+
+    Every failure is a :class:`BundleError` naming the offending file, so a bad deployment stops at
+    start-up with a message an operator can act on instead of serving garbage.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: bundle directory does not exist")
+    metadata = _read_metadata(path)
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise BundleError(f"{weights_path}: missing")
+    actual = sha256_of(weights_path)
+    if actual != metadata["weights_sha256"]:
+        raise BundleError(
+            f"{weights_path}: sha256 {actual} does not match {METADATA_FILE}'s {metadata['weights_sha256']}"
+            " (corrupt or replaced weights)"
+        )
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+    model = build_network(num_classes=len(metadata["classes"]))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{weights_path}: weights do not fit {ARCHITECTURE} with "
+                          f"{len(metadata['classes'])} classes ({exc})") from exc
+    model.eval()
+    model.requires_grad_(False)
+    return Bundle(model=model, metadata=metadata, path=path)
+
+
+def write_bundle(path: str | Path, model: torch.nn.Module, metadata: dict[str, Any]) -> Path:
+    """Write weights and ``model.json``; fills in format, architecture, parameters and sha256.
+
+    The caller writes any ``misclassified/`` images first and lists them in ``metadata``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights_path = path / WEIGHTS_FILE
+    state = {
+        key: (value.detach().cpu().float() if value.is_floating_point() else value.detach().cpu()).contiguous()
+        for key, value in model.state_dict().items()
+    }
+    save_file(state, str(weights_path), metadata={"format": str(BUNDLE_FORMAT), "architecture": ARCHITECTURE})
+    full = {
+        "format": BUNDLE_FORMAT,
+        "architecture": ARCHITECTURE,
+        "parameters": count_parameters(model),
+        **metadata,
+        "weights_sha256": sha256_of(weights_path),
+    }
+    (path / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,135 @@
+"""``python -m training fit|test|export``: train, evaluate a checkpoint, write a serving bundle."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from training.module import CifarResNetModule
+
+log = logging.getLogger("training")
+
+
+def default_precision() -> str:
+    """bf16 autocast where the hardware does it natively (CUDA, or a CPU with AVX-512 BF16/AMX)."""
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
+
+
+def build_trainer(run_dir: Path, epochs: int, precision: str, fast_dev_run: bool = False, **kwargs) -> L.Trainer:
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="epoch{epoch:03d}-val_acc{val_acc:.4f}",
+        auto_insert_metric_name=False,
+        save_last=True,  # last.ckpt: what `fit` resumes from after an interruption
+        save_top_k=-1,
+        every_n_epochs=1,
+    )
+    return L.Trainer(
+        max_epochs=epochs,
+        precision=precision,
+        accelerator="auto",
+        devices=1,
+        default_root_dir=run_dir,
+        logger=CSVLogger(run_dir, name="logs"),
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), TQDMProgressBar(refresh_rate=10)],
+        fast_dev_run=fast_dev_run,
+        log_every_n_steps=10,
+        **kwargs,
+    )
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    L.seed_everything(args.seed, workers=True)
+    run_dir = Path(args.run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    module = CifarResNetModule(
+        lr=args.lr,
+        data_dir=args.data_dir,
+        source=args.source,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        label_smoothing=args.label_smoothing,
+        warmup_fraction=args.warmup_fraction,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+    )
+    trainer = build_trainer(run_dir, args.epochs, args.precision, fast_dev_run=args.fast_dev_run)
+    resume = str(last) if last.is_file() and not args.fast_dev_run else None
+    if resume:
+        log.warning("resuming from %s", resume)
+    trainer.fit(module, ckpt_path=resume)
+    if not args.fast_dev_run:
+        trainer.test(module, ckpt_path="last")
+
+
+def cmd_test(args: argparse.Namespace) -> None:
+    module = CifarResNetModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    overrides = {k: v for k, v in (("data_dir", args.data_dir), ("cache_dir", args.cache_dir)) if v}
+    module.hparams.update(overrides)
+    trainer = L.Trainer(precision=args.precision, accelerator="auto", devices=1, logger=False)
+    trainer.test(module)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from training.export import export_bundle
+
+    path = export_bundle(
+        Path(args.checkpoint),
+        Path(args.out),
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+        misclassified=args.misclassified,
+    )
+    print(f"bundle written to {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_args(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--data-dir", required=required, help="image folder, its .tar.gz, or torchvision root")
+        p.add_argument("--cache-dir", default=None, help="where decoded uint8 tensors are cached")
+
+    fit = sub.add_parser("fit", help="train (resumes from RUN_DIR/checkpoints/last.ckpt if present)")
+    data_args(fit, required=True)
+    fit.add_argument("--source", choices=["folder", "torchvision"], default="folder")
+    fit.add_argument("--run-dir", default="runs/cifar10")
+    fit.add_argument("--epochs", type=int, default=24)
+    fit.add_argument("--lr", type=float, default=0.4, help="one-cycle peak learning rate")
+    fit.add_argument("--batch-size", type=int, default=512)
+    fit.add_argument("--label-smoothing", type=float, default=0.2)
+    fit.add_argument("--warmup-fraction", type=float, default=0.2)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--precision", default=default_precision())
+    fit.add_argument("--fast-dev-run", action="store_true", help="one batch of each loop, as a smoke test")
+    fit.set_defaults(func=cmd_fit)
+
+    test = sub.add_parser("test", help="evaluate a checkpoint on the test set")
+    test.add_argument("checkpoint")
+    data_args(test, required=False)
+    test.add_argument("--precision", default=default_precision())
+    test.set_defaults(func=cmd_test)
+
+    export = sub.add_parser("export", help="write a serving bundle from a checkpoint")
+    export.add_argument("checkpoint")
+    export.add_argument("--out", default="models/cifar10-resnet")
+    export.add_argument("--misclassified", type=int, default=40, help="test images the model got wrong to ship")
+    data_args(export, required=False)
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)

@@ -1,0 +1,160 @@
+"""Checkpoint -> serving bundle, with the metrics the service reports measured here, once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+from service.bundle import MISCLASSIFIED_DIR, write_bundle
+from service.network import block_geometry
+from service.transforms import CIFAR10_MEAN, CIFAR10_STD, Normalize
+from training import data
+from training.module import CifarResNetModule
+
+DEFAULT_GRADCAM_LAYER = "layer2"
+
+
+@torch.inference_mode()
+def predict_logits(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 500,
+    dtype: torch.dtype | None = None,
+    flip: bool = False,
+) -> torch.Tensor:
+    """fp32 logits of uint8 images, optionally under autocast ``dtype`` or horizontally flipped."""
+    normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
+    device_type = next(net.parameters()).device.type
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size])
+        if flip:
+            x = x.flip(3)
+        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out.append(net(x).float())
+    return torch.cat(out)
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return round(float((logits.argmax(1) == labels).float().mean()), 5)
+
+
+def _misclassified(
+    out: Path, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, classes: list[str], count: int
+) -> list[dict[str, Any]]:
+    """The ``count`` most confident mistakes: the ones worth looking at with Grad-CAM."""
+    probs = logits.softmax(1)
+    confidence, predicted = probs.max(1)
+    wrong = torch.nonzero(predicted != labels).flatten()
+    order = wrong[confidence[wrong].argsort(descending=True)][:count]
+    (out / MISCLASSIFIED_DIR).mkdir(parents=True, exist_ok=True)
+    entries = []
+    for rank, index in enumerate(order.tolist()):
+        filename = f"{MISCLASSIFIED_DIR}/{rank:03d}-test{index:05d}.png"
+        Image.fromarray(images[index].permute(1, 2, 0).numpy()).save(out / filename)
+        entries.append(
+            {
+                "file": filename,
+                "test_index": index,
+                "true_label": classes[int(labels[index])],
+                "predicted_label": classes[int(predicted[index])],
+                "confidence": round(float(confidence[index]), 5),
+            }
+        )
+    return entries
+
+
+def export_bundle(
+    checkpoint: Path,
+    out: Path,
+    *,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    misclassified: int = 40,
+    name: str = "cifar10-resnet",
+) -> Path:
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    module = CifarResNetModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    hp = module.hparams
+    data_dir = data_dir or hp.data_dir
+    cifar = data.load(hp.source, data_dir, Path(cache_dir) if cache_dir else None)
+    _, val = data.train_val_split(cifar.train, hp.val_size, hp.seed)
+    net = module.net.float().eval()
+    classes = cifar.classes
+
+    test_logits = predict_logits(net, cifar.test.images)
+    flip_logits = predict_logits(net, cifar.test.images, flip=True)
+    val_logits = predict_logits(net, val.images)
+    agreement = {"fp32": 1.0}
+    low = [torch.bfloat16] + ([torch.float16] if torch.cuda.is_available() else [])
+    for dtype in low:
+        low_logits = predict_logits(net, cifar.test.images, dtype=dtype)
+        agreement[str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")] = round(
+            float((low_logits.argmax(1) == test_logits.argmax(1)).float().mean()), 5
+        )
+
+    labels = cifar.test.labels
+    confusion = multiclass_confusion_matrix(test_logits.argmax(1), labels, num_classes=len(classes))
+    per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1)).tolist()
+    extra = ckpt.get("camserve", {})
+    metadata = {
+        "name": name,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "classes": classes,
+        "mean": list(CIFAR10_MEAN),
+        "std": list(CIFAR10_STD),
+        "input_size": 32,
+        "test_accuracy": _accuracy(test_logits, labels),
+        "test_accuracy_flip_tta": _accuracy(test_logits + flip_logits, labels),
+        "val_accuracy": _accuracy(val_logits, val.labels),
+        "test_images": len(labels),
+        "val_images": len(val.labels),
+        "per_class_accuracy": {c: round(a, 4) for c, a in zip(classes, per_class, strict=True)},
+        "confusion_matrix": confusion.tolist(),
+        "precision_agreement": agreement,
+        "trained_epochs": int(extra.get("trained_epochs", ckpt["epoch"] + 1)),
+        "training_seconds": round(float(extra.get("train_seconds", 0.0)), 1),
+        "hardware": extra.get("hardware", "unknown"),
+        "dataset": {"source": hp.source, "location": str(data_dir), "train_images": len(cifar.train) - hp.val_size},
+        "seed": hp.seed,
+        "recipe": {
+            "optimizer": "SGD",
+            "lr_peak": hp.lr,
+            "momentum": hp.momentum,
+            "nesterov": hp.nesterov,
+            "weight_decay": hp.weight_decay,
+            "batch_size": hp.batch_size,
+            "schedule": f"one-cycle, linear warm-up over {hp.warmup_fraction:.0%} then linear to 0",
+            "label_smoothing": hp.label_smoothing,
+            "augmentation": f"reflect-pad {hp.crop_padding} crop, horizontal flip, cutout {hp.cutout_size}",
+            "precision": str(ckpt.get("hyper_parameters", {}).get("precision", "bf16-mixed autocast")),
+        },
+        "gradcam": {
+            "default_layer": DEFAULT_GRADCAM_LAYER,
+            "layers": [vars(row) for row in block_geometry(net)],
+        },
+        "torch_version": torch.__version__,
+    }
+
+    # Build beside the target and swap in, so a failed export never leaves half a bundle.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        metadata["misclassified"] = _misclassified(
+            staging, cifar.test.images, labels, test_logits, classes, misclassified
+        )
+        write_bundle(staging, net, metadata)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
