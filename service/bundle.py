@@ -112,8 +112,9 @@ def load_bundle(path: str | Path) -> Bundle:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise BundleError(f"{weights_path}: weights do not fit {ARCHITECTURE} with "
-                          f"{len(metadata['classes'])} classes ({exc})") from exc
+        raise BundleError(
+            f"{weights_path}: weights do not fit {ARCHITECTURE} with {len(metadata['classes'])} classes ({exc})"
+        ) from exc
     model.eval()
     model.requires_grad_(False)
     return Bundle(model=model, metadata=metadata, path=path)

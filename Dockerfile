@@ -1,0 +1,93 @@
+# syntax=docker/dockerfile:1
+#
+# camserve: the CIFAR-10 ResNet service as a container image.
+#
+#   docker build -t camserve .
+#   docker run --rm -p 8000:8000 camserve
+#
+# Three stages:
+#   base     the Python 3.11 runtime (the official slim image by default; any Debian-family image
+#            whose apt can install python3.11 works too, e.g. a locally imported debootstrap rootfs,
+#            see docker/build-and-smoke.sh) plus tini as PID 1.
+#   builder  a virtual environment at /opt/venv with the project's runtime dependencies (torch pinned;
+#            no Lightning, no torchvision: those live in the `train` extra) and the camserve wheel.
+#   runtime  base + /opt/venv + the shipped bundle, run as an unprivileged user.
+#
+# BASE_IMAGE must provide python3.11 or an apt that can install it.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS base
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ARG DEBIAN_FRONTEND=noninteractive
+ENV LANG=C.UTF-8 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+# tini forwards SIGTERM to the service and reaps zombies. python3.11 comes from apt only when the
+# base image has none of its own (the official python images keep theirs in /usr/local).
+# hadolint ignore=DL3008
+RUN python_pkg=""; \
+    if ! command -v python3.11 >/dev/null 2>&1; then python_pkg=python3.11; fi; \
+    apt-get update \
+    && apt-get install -y --no-install-recommends tini ${python_pkg:+"$python_pkg"} \
+    && rm -rf /var/lib/apt/lists/*
+
+
+FROM base AS builder
+# Optional, for builds that must use a local package mirror: point PIP_CONFIG_FILE at a pip.conf
+# bind-mounted into the build (docker/build-and-smoke.sh does this with podman build -v). Unset, pip
+# uses its defaults (PyPI). Nothing of it reaches the runtime stage.
+ARG PIP_CONFIG_FILE
+ARG DEBIAN_FRONTEND=noninteractive
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# Debian's python3.11 keeps ensurepip (needed by venv) in a separate package.
+# hadolint ignore=DL3008
+RUN if ! python3.11 -c 'import ensurepip' >/dev/null 2>&1; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends python3.11-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3.11 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+
+# Dependencies first, from pyproject.toml alone, so that code changes do not reinstall torch.
+COPY pyproject.toml ./
+RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+        > /tmp/requirements.txt \
+    && cat /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+
+# Then the project itself, as a wheel, without touching the dependencies.
+COPY README.md ./
+COPY service ./service
+COPY training ./training
+RUN pip wheel --no-deps --wheel-dir /tmp/dist . \
+    && pip install --no-deps /tmp/dist/camserve-*.whl \
+    && python -c 'import importlib.util as u, sys; bad = [m for m in ("lightning", "torchvision") if u.find_spec(m)]; sys.exit(f"training-only packages in the runtime venv: {bad}" if bad else 0)'
+
+
+FROM base AS runtime
+ARG CAMSERVE_UID=10001
+RUN groupadd --system --gid "${CAMSERVE_UID}" camserve \
+    && useradd --system --uid "${CAMSERVE_UID}" --gid camserve --create-home --home-dir /home/camserve \
+        --shell /usr/sbin/nologin camserve
+WORKDIR /opt/camserve
+# The shipped bundle. To serve another one, mount its directory and point CAMSERVE_MODEL_DIR at it:
+#   docker run -v /path/to/bundle:/models/mine:ro -e CAMSERVE_MODEL_DIR=/models/mine camserve
+COPY --chown=root:root models/cifar10-resnet /opt/camserve/models/cifar10-resnet
+COPY --from=builder /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/home/camserve \
+    CAMSERVE_HOST=0.0.0.0 \
+    CAMSERVE_PORT=8000 \
+    CAMSERVE_MODEL_DIR=/opt/camserve/models/cifar10-resnet
+USER ${CAMSERVE_UID}:${CAMSERVE_UID}
+EXPOSE 8000
+# Ready means the bundle is loaded and the service answers; a model that failed to load turns the
+# container unhealthy. Python's urllib: the slim image has no curl.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('CAMSERVE_PORT', '8000'), timeout=4).status == 200 else 1)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/bin/tini", "--"]
+CMD ["python", "-m", "service"]

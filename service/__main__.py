@@ -1,0 +1,35 @@
+"""``python -m service``: validate the bundle, then serve it with uvicorn (graceful on SIGTERM)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from service.app import create_app
+from service.bundle import BundleError, load_bundle
+from service.settings import Settings
+
+
+def main() -> None:
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        bundle = load_bundle(settings.model_dir)
+    except BundleError as exc:
+        print(f"camserve: cannot start: {exc}", file=sys.stderr)
+        sys.exit(2)
+    app = create_app(settings, bundle=bundle)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # one JSON line per request comes from RequestContext instead
+        timeout_graceful_shutdown=settings.request_timeout_s,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The FastAPI application: factory, lifespan, and the wiring of model, batchers and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.batcher import DynamicBatcher
+from service.bundle import Bundle, load_bundle
+from service.engine import GradcamJob, GradcamRow, InferenceEngine, resolve_device
+from service.images import ImageRejected
+from service.metrics import ServiceMetrics
+from service.middleware import BodyLimit, BodyTimeout, BodyTooLarge, RequestContext
+from service.settings import Settings
+
+log = logging.getLogger("camserve")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+@dataclass
+class ServiceState:
+    """Everything the routes need; created by the factory, filled in by the lifespan."""
+
+    settings: Settings
+    metrics: ServiceMetrics
+    bundle: Bundle | None = None
+    engine: InferenceEngine | None = None
+    predict_batcher: DynamicBatcher[torch.Tensor, torch.Tensor] | None = None
+    gradcam_batcher: DynamicBatcher[GradcamJob, GradcamRow] | None = None
+    misclassified: list[dict] = field(default_factory=list)
+    ready: bool = False
+    draining: bool = False
+
+
+def _load_misclassified(bundle: Bundle) -> list[dict]:
+    items = []
+    for entry in bundle.metadata.get("misclassified", []):
+        path = bundle.path / entry["file"]
+        if path.is_file():
+            items.append({**entry, "image_png": base64.b64encode(path.read_bytes()).decode("ascii")})
+    return items
+
+
+def _lifespan(preloaded: Bundle | None):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state: ServiceState = app.state.camserve
+        settings = state.settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        bundle = preloaded or await run_in_threadpool(load_bundle, settings.model_dir)
+        # One model thread: batches never overlap, so two endpoints never fight over the cores.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camserve-model")
+        loop = asyncio.get_running_loop()
+        engine = await loop.run_in_executor(
+            executor,
+            InferenceEngine,
+            bundle,
+            resolve_device(settings.device),
+            settings.precision,
+            settings.max_batch_size,
+        )
+        await loop.run_in_executor(executor, engine.warm_up)
+        common = {
+            "executor": executor,
+            "max_batch_size": settings.max_batch_size,
+            "max_wait_ms": settings.max_wait_ms,
+            "queue_size": settings.queue_size,
+        }
+        state.predict_batcher = DynamicBatcher(
+            "predict", engine.predict, on_batch=state.metrics.batch_observer("/predict"), **common
+        )
+        state.gradcam_batcher = DynamicBatcher(
+            "gradcam", engine.gradcam, on_batch=state.metrics.batch_observer("/gradcam"), **common
+        )
+        for name, batcher in (("/predict", state.predict_batcher), ("/gradcam", state.gradcam_batcher)):
+            state.metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.depth)
+            batcher.start()
+        state.bundle, state.engine = bundle, engine
+        state.misclassified = _load_misclassified(bundle)
+        state.metrics.model.info(
+            {
+                "name": str(bundle.metadata.get("name", "")),
+                "version": bundle.version,
+                "precision": engine.precision,
+                "device": engine.device_name,
+            }
+        )
+        state.ready = True
+        log.info(
+            "serving %s (%s) on %s, precision %s: %s",
+            bundle.metadata.get("name"),
+            bundle.version[:12],
+            engine.device_name,
+            engine.precision,
+            engine.precision_reason,
+        )
+        try:
+            yield
+        finally:
+            # Uvicorn has stopped accepting and finished open requests; drain whatever is queued.
+            state.ready = False
+            state.draining = True
+            await state.predict_batcher.stop(settings.request_timeout_s)
+            await state.gradcam_batcher.stop(settings.request_timeout_s)
+            executor.shutdown(wait=True)
+            log.info("stopped")
+
+    return lifespan
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ImageRejected)
+    async def image_rejected(request: Request, exc: ImageRejected) -> JSONResponse:
+        app.state.camserve.metrics.rejections.labels(f"image_{exc.status_code}").inc()
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        app.state.camserve.metrics.rejections.labels("body_too_large").inc()
+        return JSONResponse({"detail": str(exc)}, status_code=413, headers={"Connection": "close"})
+
+    @app.exception_handler(BodyTimeout)
+    async def body_timeout(request: Request, exc: BodyTimeout) -> JSONResponse:
+        app.state.camserve.metrics.rejections.labels("slow_body").inc()
+        return JSONResponse({"detail": str(exc)}, status_code=408, headers={"Connection": "close"})
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        request_id = request.scope.get("state", {}).get("request_id", "")
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); request id {request_id}"}, 500)
+
+
+def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
+    """Build the service. ``bundle`` lets a caller that already loaded (and validated) it skip a reload."""
+    from service.routes import router  # routes import this module's ServiceState
+
+    settings = settings or Settings()
+    metrics = ServiceMetrics()
+    app = FastAPI(
+        title="camserve",
+        summary="CIFAR-10 ResNet predictions and Grad-CAM explanations, dynamically batched.",
+        version="0.1.0",
+        lifespan=_lifespan(bundle),
+    )
+    app.state.camserve = ServiceState(settings=settings, metrics=metrics)
+    _error_handlers(app)
+    app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "X-Request-ID"],
+        )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(RequestContext, metrics=metrics, log_requests=settings.log_requests)
+    return app

@@ -1,0 +1,139 @@
+"""The model on its device: precision choice, warm-up, and the batch functions the batchers call.
+
+Everything here runs on the single model thread (see :mod:`service.batcher`), never on the event
+loop, and never two batches at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from service.bundle import Bundle
+from service.gradcam import grad_cam
+from service.transforms import Normalize
+
+log = logging.getLogger("camserve.engine")
+
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIN_AGREEMENT = 0.995  # top-1 agreement with fp32 on the test set a faster mode must keep
+
+
+@dataclass(frozen=True)
+class GradcamJob:
+    image: torch.Tensor  # uint8 (3, H, W)
+    layer: str
+    target: int | None
+
+
+@dataclass(frozen=True)
+class GradcamRow:
+    heatmap: torch.Tensor  # float32 (H, W)
+    probabilities: torch.Tensor  # float32 (classes,)
+    target: int
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def native_low_precision(device: torch.device) -> list[str]:
+    """Reduced-precision modes the hardware runs natively (so they can be faster, not just smaller)."""
+    if device.type == "cuda":
+        return ["fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    return ["bf16"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []
+
+
+class InferenceEngine:
+    def __init__(self, bundle: Bundle, device: torch.device, precision: str, batch_size: int) -> None:
+        self.bundle = bundle
+        self.device = device
+        self.model = bundle.model.to(device=device, memory_format=torch.channels_last).eval()
+        self.normalize = Normalize(bundle.metadata["mean"], bundle.metadata["std"]).to(device)
+        self.batch_size = batch_size
+        self.precision, self.precision_reason = self._choose_precision(precision)
+        self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return f"cuda ({torch.cuda.get_device_name(self.device)})"
+        return "cpu"
+
+    # -- precision -------------------------------------------------------------------------------
+    def _choose_precision(self, requested: str) -> tuple[str, str]:
+        if requested != "auto":
+            return requested, f"set by CAMSERVE_PRECISION={requested}"
+        agreement: dict[str, float] = self.bundle.metadata.get("precision_agreement", {})
+        candidates = ["fp32"]
+        skipped = []
+        for mode in native_low_precision(self.device):
+            measured = agreement.get(mode)
+            if measured is not None and measured >= MIN_AGREEMENT:
+                candidates.append(mode)
+            else:
+                skipped.append(f"{mode} (top-1 agreement {measured if measured is not None else 'not measured'})")
+        timings = {mode: self._time_forward(mode) for mode in candidates}
+        best = min(timings, key=timings.__getitem__)
+        parts = [f"{m} {t * 1000:.1f} ms" for m, t in timings.items()]
+        reason = f"fastest at batch {self.batch_size} of " + ", ".join(parts)
+        if best != "fp32":
+            reason += f"; top-1 agreement with fp32 {agreement[best]:.2%} >= {MIN_AGREEMENT:.1%}"
+        if skipped:
+            reason += "; not eligible: " + ", ".join(skipped)
+        return best, reason
+
+    def _time_forward(self, mode: str, repeats: int = 3) -> float:
+        x = torch.zeros(self.batch_size, 3, 32, 32, dtype=torch.uint8, device=self.device)
+        dtype = AUTOCAST_DTYPES[mode]
+        best = float("inf")
+        for i in range(repeats + 1):
+            self._sync()
+            started = time.perf_counter()
+            self._logits(x, dtype)
+            self._sync()
+            if i:  # the first call pays one-off kernel selection
+                best = min(best, time.perf_counter() - started)
+        return best
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- batch functions -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _logits(self, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        x = self.normalize(images.to(self.device, non_blocking=True))
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return self.model(x).float()
+
+    def predict(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Probabilities (softmax of the logits) per image."""
+        probabilities = self._logits(torch.stack(images), self.autocast_dtype).softmax(1).cpu()
+        return list(probabilities.unbind(0))
+
+    def gradcam(self, jobs: list[GradcamJob]) -> list[GradcamRow]:
+        """One forward+backward per distinct layer in the batch (usually one), each image its own target."""
+        rows: list[GradcamRow | None] = [None] * len(jobs)
+        for layer in dict.fromkeys(job.layer for job in jobs):
+            index = [i for i, job in enumerate(jobs) if job.layer == layer]
+            images = torch.stack([jobs[i].image for i in index]).to(self.device, non_blocking=True)
+            targets = torch.tensor([-1 if jobs[i].target is None else jobs[i].target for i in index])
+            out = grad_cam(self.model, self.normalize(images), layer, targets.to(self.device), self.autocast_dtype)
+            probabilities = out.logits.softmax(1).cpu()
+            heatmaps = out.heatmaps.cpu()
+            for row, i in enumerate(index):
+                rows[i] = GradcamRow(heatmaps[row], probabilities[row], int(out.targets[row]))
+        return [row for row in rows if row is not None]
+
+    def warm_up(self) -> None:
+        """Pay kernel selection and allocator growth before the first request, not during it."""
+        image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+        for size in (1, self.batch_size):
+            self.predict([image] * size)
+        self.gradcam([GradcamJob(image, "layer2", None)] * min(self.batch_size, 8))

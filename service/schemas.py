@@ -1,0 +1,102 @@
+"""Response models: the HTTP contract the web page, the container and the tests rely on."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ClassScore(BaseModel):
+    label: str = Field(examples=["cat"])
+    index: int = Field(examples=[3])
+    probability: float = Field(examples=[0.91])
+
+
+class Prediction(BaseModel):
+    filename: str = Field(examples=["cat.png"])
+    top_k: list[ClassScore]
+
+
+class PredictResponse(BaseModel):
+    model_version: str = Field(description="sha256 of the served weights")
+    predictions: list[Prediction] = Field(description="one per uploaded file, in the order sent")
+
+
+class GradcamResult(BaseModel):
+    filename: str
+    label: str = Field(description="predicted class")
+    probability: float = Field(description="probability of the predicted class")
+    target: str = Field(description="class the heatmap explains")
+    target_index: int
+    target_probability: float
+    layer: str
+    heatmap: list[list[float]] = Field(description="H x W values in [0, 1] at the model's input resolution")
+    overlay_png: str = Field(description="base64 PNG: viridis heatmap blended over the image")
+
+
+class GradcamResponse(BaseModel):
+    model_version: str
+    results: list[GradcamResult]
+
+
+class LayerInfo(BaseModel):
+    name: str
+    channels: int
+    output_size: int
+    receptive_field: int
+    jump: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    architecture: str
+    parameters: int
+    classes: list[str]
+    test_accuracy: float | None
+    test_accuracy_flip_tta: float | None = None
+    val_accuracy: float | None
+    per_class_accuracy: dict[str, float]
+    trained_epochs: int | None
+    training_seconds: float | None = None
+    hardware: str | None = None
+    dataset: dict | str | None
+
+
+class GradcamInfo(BaseModel):
+    layers: list[LayerInfo]
+    default_layer: str
+
+
+class BatchingInfo(BaseModel):
+    max_batch_size: int
+    max_wait_ms: float
+    queue_size: int
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+    device: str = Field(examples=["cpu"])
+    precision: str = Field(examples=["bf16"])
+    precision_reason: str
+    model: ModelInfo
+    gradcam: GradcamInfo
+    batching: BatchingInfo
+
+
+class MisclassifiedItem(BaseModel):
+    file: str
+    test_index: int
+    true_label: str
+    predicted_label: str
+    confidence: float
+    image_png: str = Field(description="base64 PNG of the 32x32 test image")
+
+
+class MisclassifiedResponse(BaseModel):
+    model_version: str
+    total: int
+    items: list[MisclassifiedItem]
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(examples=["photo.txt: not an image (unrecognised data)"])

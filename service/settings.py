@@ -1,0 +1,41 @@
+"""Service settings, read from ``CAMSERVE_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The shipped bundle, next to the packages in a checkout and baked into the container image.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "cifar10-resnet"
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAMSERVE_", extra="ignore")
+
+    model_dir: Path = DEFAULT_MODEL_DIR
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Precision = "auto"
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads; default: torch's choice")
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass")
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a batch waits to fill, when arrivals are due")
+    queue_size: int = Field(512, ge=1, description="images waiting per endpoint before 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503")
+
+    max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="whole request body")
+    body_timeout_s: float = Field(15.0, gt=0, description="a body not fully received by then gets 408")
+    max_files: int = Field(64, ge=1, description="images per request")
+    max_image_pixels: int = Field(25_000_000, ge=1024, description="per image, checked before decoding")
+
+    api_key: SecretStr | None = None
+    cors_origins: list[str] = []
+    log_level: str = "info"
+    log_requests: bool = True
