@@ -24,6 +24,7 @@ from service.images import ImageRejected
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimit, BodyTimeout, BodyTooLarge, RequestContext
 from service.settings import Settings
+from service.web import mount_static
 
 log = logging.getLogger("camserve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -159,6 +160,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     app.state.camserve = ServiceState(settings=settings, metrics=metrics)
     _error_handlers(app)
     app.include_router(router)
+    mount_static(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
