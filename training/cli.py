@@ -24,7 +24,9 @@ def default_precision() -> str:
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
 
 
-def build_trainer(run_dir: Path, epochs: int, precision: str, fast_dev_run: bool = False, **kwargs) -> L.Trainer:
+def build_trainer(
+    run_dir: Path, epochs: int, precision: str, fast_dev_run: bool = False, progress_bar: bool = True
+) -> L.Trainer:
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="epoch{epoch:03d}-val_acc{val_acc:.4f}",
@@ -40,10 +42,11 @@ def build_trainer(run_dir: Path, epochs: int, precision: str, fast_dev_run: bool
         devices=1,
         default_root_dir=run_dir,
         logger=CSVLogger(run_dir, name="logs"),
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), TQDMProgressBar(refresh_rate=10)],
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")]
+        + ([TQDMProgressBar(refresh_rate=10)] if progress_bar else []),
+        enable_progress_bar=progress_bar,
         fast_dev_run=fast_dev_run,
         log_every_n_steps=10,
-        **kwargs,
     )
 
 

@@ -1,0 +1,171 @@
+"""The Lightning job on tiny generated data: sources, schedule, loss, smoke run, checkpoint parity."""
+
+import tarfile
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from service.bundle import load_bundle
+from service.transforms import Normalize
+from training import data
+from training.augment import TrainTransform, cutout, random_crop
+from training.export import export_bundle, predict_logits
+from training.module import CifarResNetModule, smoothed_nll_loss
+from training.schedule import custom_one_cycle_lr
+
+
+def test_one_cycle_schedule_values():
+    total = 100
+    assert custom_one_cycle_lr(0, total, 0.2) == 0.0
+    assert custom_one_cycle_lr(10, total, 0.2) == pytest.approx(0.5)
+    assert custom_one_cycle_lr(20, total, 0.2) == pytest.approx(1.0)
+    assert custom_one_cycle_lr(60, total, 0.2) == pytest.approx(0.5)
+    assert custom_one_cycle_lr(100, total, 0.2) == pytest.approx(0.0)
+    assert custom_one_cycle_lr(150, total, 0.2) == pytest.approx(0.0)
+    values = [custom_one_cycle_lr(s, total, 0.2) for s in range(total + 1)]
+    peak = values.index(max(values))
+    assert all(a <= b for a, b in zip(values[:peak], values[1 : peak + 1], strict=True))
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1 :], strict=False))
+
+
+def test_smoothed_nll_equals_cross_entropy_with_label_smoothing():
+    logits = torch.randn(16, 10)
+    target = torch.randint(0, 10, (16,))
+    ours = smoothed_nll_loss(F.log_softmax(logits, 1), target, 0.2)
+    assert torch.allclose(ours, F.cross_entropy(logits, target, label_smoothing=0.2), atol=1e-6)
+    assert torch.allclose(smoothed_nll_loss(F.log_softmax(logits, 1), target, 0.0), F.cross_entropy(logits, target))
+
+
+def test_image_folder_and_its_archive_decode_identically(tiny_folder: Path, tmp_path: Path):
+    archive = tmp_path / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tiny_folder / "train", arcname="cifar/train")
+        tar.add(tiny_folder / "test", arcname="cifar/test")
+    from_dir = data.decode_image_folder(tiny_folder)
+    from_tar = data.decode_image_folder(archive)
+    assert from_dir.classes == sorted(from_dir.classes) and len(from_dir.classes) == 10
+    assert from_dir.train.images.shape == (60, 3, 32, 32) and from_dir.train.images.dtype == torch.uint8
+    assert from_dir.test.images.shape == (30, 3, 32, 32)
+    assert torch.equal(from_dir.train.labels.bincount(), torch.full((10,), 6))
+    # Same multiset of (image, label) pairs whatever order the archive lists members in.
+    def key(split: data.Split) -> list:
+        return sorted((int(y), img.flatten().tolist()) for img, y in zip(split.images, split.labels, strict=True))
+
+    assert key(from_dir.train) == key(from_tar.train)
+    assert key(from_dir.test) == key(from_tar.test)
+
+
+def test_prepare_caches_decoded_tensors(tiny_folder: Path, tmp_path: Path):
+    first = data.prepare("folder", tiny_folder, tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert data.prepare("folder", tiny_folder, tmp_path) == first
+    assert first.stat().st_mtime_ns == mtime  # second call read the cache, wrote nothing
+    loaded = data.load("folder", tiny_folder, tmp_path)
+    assert loaded.classes[0] == "airplane" and len(loaded.train) == 60
+
+
+def test_validation_split_is_seeded_and_disjoint(tiny_folder: Path, cache_dir: Path):
+    cifar = data.load("folder", tiny_folder, cache_dir)
+    train_a, val_a = data.train_val_split(cifar.train, 10, seed=3)
+    train_b, val_b = data.train_val_split(cifar.train, 10, seed=3)
+    _, val_c = data.train_val_split(cifar.train, 10, seed=4)
+    assert torch.equal(val_a.images, val_b.images) and len(val_a) == 10 and len(train_a) == 50
+    assert not torch.equal(val_a.labels, val_c.labels) or not torch.equal(val_a.images, val_c.images)
+    rows = {tuple(img.flatten().tolist()) for img in train_a.images}
+    assert not any(tuple(img.flatten().tolist()) in rows for img in val_a.images)
+
+
+def test_batch_augmentation_shapes_and_effects():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = TrainTransform()(images)
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    normalized = Normalize()(images)
+    assert not torch.equal(out, normalized)
+    # A crop is a shifted window of the reflect-padded image: every output row exists in the padded input.
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
+    cropped = random_crop(x, 2)
+    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    for n in range(2):
+        assert any(
+            torch.equal(cropped[n, 0], padded[n, 0, dy : dy + 8, dx : dx + 8]) for dy in range(5) for dx in range(5)
+        )
+    holes = cutout(torch.ones(16, 3, 32, 32), 8)
+    zeroed = (holes == 0).all(1).flatten(1).sum(1)
+    assert (zeroed > 0).all() and (zeroed <= 64).all()
+
+
+def _module(tiny_folder: Path, cache_dir: Path, **kwargs) -> CifarResNetModule:
+    return CifarResNetModule(
+        data_dir=str(tiny_folder), cache_dir=str(cache_dir), batch_size=16, val_size=10, epochs=1, **kwargs
+    )
+
+
+def test_fast_dev_run(tiny_folder: Path, cache_dir: Path):
+    module = _module(tiny_folder, cache_dir)
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.fit(module)
+    assert trainer.state.finished and trainer.global_step == 1
+    assert {"train_loss", "val_loss", "val_acc"} <= set(trainer.logged_metrics)
+    trainer.test(module)
+    assert {"test_loss", "test_acc"} <= set(trainer.logged_metrics)
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tiny_folder: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Two short epochs through the real CLI's trainer: checkpoints, CSV logs, resumable last.ckpt."""
+    from training.cli import build_trainer
+
+    run_dir = tmp_path_factory.mktemp("run")
+    L.seed_everything(0)
+    module = _module(tiny_folder, cache_dir, lr=0.05)
+    trainer = build_trainer(run_dir, epochs=2, precision="32-true", progress_bar=False)
+    trainer.fit(module)
+    return module, run_dir / "checkpoints" / "last.ckpt", run_dir
+
+
+def test_fit_writes_resumable_checkpoints_and_logs(trained_checkpoint):
+    module, last, run_dir = trained_checkpoint
+    assert last.is_file()
+    assert len(list((run_dir / "checkpoints").glob("epoch*.ckpt"))) == 2
+    assert list(run_dir.glob("logs/*/metrics.csv"))
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["camserve"]["trained_epochs"] == 2
+    assert ckpt["camserve"]["train_seconds"] > 0
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+
+
+def test_checkpoint_and_bundle_give_the_same_predictions(trained_checkpoint, tiny_folder, cache_dir, tmp_path):
+    module, last, _ = trained_checkpoint
+    images = data.load("folder", tiny_folder, cache_dir).test.images
+    module.eval()
+    with torch.no_grad():
+        in_memory = module(module.test_transform(images))
+    restored = CifarResNetModule.load_from_checkpoint(last, map_location="cpu").eval()
+    with torch.no_grad():
+        from_checkpoint = restored(restored.test_transform(images))
+    assert torch.equal(in_memory.argmax(1), from_checkpoint.argmax(1))
+    assert torch.allclose(in_memory, from_checkpoint, atol=1e-5)
+
+    bundle_path = export_bundle(last, tmp_path / "bundle", cache_dir=str(cache_dir), misclassified=5)
+    bundle = load_bundle(bundle_path)
+    from_bundle = F.log_softmax(predict_logits(bundle.model, images), 1)
+    assert torch.equal(from_bundle.argmax(1), in_memory.argmax(1))
+    assert torch.allclose(from_bundle, in_memory, atol=1e-4)
+
+    meta = bundle.metadata
+    test_acc = float((in_memory.argmax(1) == data.load("folder", tiny_folder, cache_dir).test.labels).float().mean())
+    assert meta["test_accuracy"] == pytest.approx(test_acc, abs=1e-4)
+    assert meta["trained_epochs"] == 2
+    assert set(meta["per_class_accuracy"]) == set(meta["classes"])
+    assert sum(map(sum, meta["confusion_matrix"])) == len(images)
+    assert 0 < len(meta["misclassified"]) <= 5
+    for entry in meta["misclassified"]:
+        assert (bundle_path / entry["file"]).is_file()
+        assert entry["true_label"] != entry["predicted_label"]
+    assert meta["gradcam"]["default_layer"] == "layer2"
+    assert "bf16" in meta["precision_agreement"]
