@@ -35,7 +35,7 @@ if not CHROMIUM.is_file():
         allow_module_level=True,
     )
 
-from helpers import CLASSES, make_bundle  # noqa: E402  (tests/ is on sys.path via conftest)
+from helpers import CLASSES, make_bundle  # noqa: E402  (pytest puts tests/ on sys.path)
 
 pytestmark = pytest.mark.browser
 
