@@ -42,7 +42,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.camserve
     if not state.ready or state.engine is None:
         raise HTTPException(503, "service is not ready", headers={"Retry-After": "1"})
@@ -52,7 +52,7 @@ def get_state(request: Request) -> ServiceState:
 State = Annotated[ServiceState, Depends(get_state)]
 
 
-def require_api_key(request: Request, state: State) -> None:
+async def require_api_key(request: Request, state: State) -> None:
     """``Authorization: Bearer <key>`` or ``X-API-Key: <key>``, compared in constant time."""
     expected = state.settings.api_key
     if expected is None:

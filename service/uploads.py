@@ -6,6 +6,7 @@ import torch
 from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.images import decode_image
 
@@ -42,7 +43,7 @@ async def read_uploads(request: Request, *, max_files: int, max_bytes: int) -> l
         raise HTTPException(415, f"send images as multipart/form-data in the field '{FIELD}' (got {content_type!r})")
     try:
         form = await request.form(max_files=max_files, max_fields=32, max_part_size=max_bytes)
-    except HTTPException as exc:  # Starlette's multipart errors
+    except StarletteHTTPException as exc:  # Starlette's multipart errors
         if "Too many files" in str(exc.detail):
             raise HTTPException(413, f"too many files: at most {max_files} per request") from None
         raise HTTPException(400, f"malformed multipart body: {exc.detail}") from None

@@ -1,0 +1,363 @@
+"""The HTTP contract, in process (httpx + ASGITransport, lifespan run by the fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from helpers import CLASSES, encode, random_image
+from PIL import Image
+from pydantic import SecretStr
+
+from service.app import create_app
+from service.settings import Settings
+from service.transforms import image_to_uint8
+
+
+@pytest.fixture
+def settings(bundle_dir: Path) -> Settings:
+    return Settings(model_dir=bundle_dir, precision="fp32", max_files=8, max_upload_bytes=2_000_000,
+                    max_image_pixels=1_000_000, queue_size=64, log_requests=False)
+
+
+@pytest.fixture
+async def app(settings: Settings):
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def client(app) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://camserve") as client:
+        yield client
+
+
+def files(*payloads: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (name, data, "application/octet-stream")) for name, data in payloads]
+
+
+def png(seed: int, **kwargs) -> bytes:
+    return encode(random_image(seed, **kwargs))
+
+
+def single_image_probabilities(app, data: bytes) -> torch.Tensor:
+    """Reference: the engine on this one image alone, no HTTP, no batching."""
+    image = image_to_uint8(Image.open(io.BytesIO(data)))
+    return app.state.camserve.engine.predict([image])[0]
+
+
+# -- health and metadata ---------------------------------------------------------------------------
+async def test_health_reports_model_device_and_batching(client, settings):
+    body = (await client.get("/health")).json()
+    assert body["status"] == "ok" and body["device"] == "cpu" and body["precision"] == "fp32"
+    model = body["model"]
+    assert model["classes"] == CLASSES and len(model["version"]) == 64
+    assert model["architecture"] == "cifar-resnet9" and model["parameters"] > 6_000_000
+    assert {"test_accuracy", "val_accuracy", "per_class_accuracy", "trained_epochs", "dataset"} <= set(model)
+    assert body["gradcam"]["default_layer"] == "layer2"
+    assert [layer["name"] for layer in body["gradcam"]["layers"]] == ["prep", "layer1", "layer2", "layer3"]
+    assert body["batching"] == {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
+                                "queue_size": settings.queue_size}
+
+
+async def test_live_ready_and_openapi(client):
+    assert (await client.get("/livez")).json() == {"status": "alive"}
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    schema = (await client.get("/openapi.json")).json()
+    assert {"/predict", "/gradcam", "/health", "/misclassified"} <= set(schema["paths"])
+    body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert body["schema"]["properties"]["files"]["type"] == "array"
+
+
+async def test_not_ready_before_lifespan(settings):
+    app = create_app(settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+        assert (await client.get("/readyz")).status_code == 503
+        response = await client.post("/predict", files=files(("a.png", png(0))))
+        assert response.status_code == 503 and "not ready" in response.json()["detail"]
+
+
+# -- /predict ---------------------------------------------------------------------------------------
+async def test_predict_returns_top_k_in_order_sent(client, app):
+    payloads = [(f"img{i}.png", png(i)) for i in range(5)]
+    response = await client.post("/predict?top_k=4", files=files(*payloads))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model_version"] == app.state.camserve.bundle.version
+    assert [p["filename"] for p in body["predictions"]] == [name for name, _ in payloads]
+    for (_, data), prediction in zip(payloads, body["predictions"], strict=True):
+        top = prediction["top_k"]
+        assert len(top) == 4
+        assert [t["probability"] for t in top] == sorted((t["probability"] for t in top), reverse=True)
+        assert all(CLASSES[t["index"]] == t["label"] for t in top)
+        reference = single_image_probabilities(app, data)
+        assert reference.sum().item() == pytest.approx(1.0, abs=1e-5)
+        for entry in top:
+            assert entry["probability"] == pytest.approx(reference[entry["index"]].item(), abs=1e-5)
+
+
+async def test_predict_top_k_bounds(client):
+    for bad in (0, 11, "x"):
+        response = await client.post(f"/predict?top_k={bad}", files=files(("a.png", png(0))))
+        assert response.status_code == 422
+    response = await client.post("/predict?top_k=10", files=files(("a.png", png(0))))
+    assert response.status_code == 200
+    probabilities = [t["probability"] for t in response.json()["predictions"][0]["top_k"]]
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("gray.png", lambda: encode(random_image(1, mode="L"))),
+        ("rgba.png", lambda: encode(random_image(2, mode="RGBA"))),
+        ("palette.gif", lambda: encode(random_image(3).convert("P"), "GIF")),
+        ("big.jpg", lambda: encode(random_image(4, size=(640, 480)), "JPEG", quality=90)),
+        ("tiny.bmp", lambda: encode(random_image(5, size=(7, 5)), "BMP")),
+        ("photo.webp", lambda: encode(random_image(6, size=(64, 48)), "WEBP")),
+        ("cmyk.jpg", lambda: encode(random_image(7).convert("CMYK"), "JPEG")),
+        ("deep.png", lambda: encode(Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)))),
+    ],
+)
+async def test_predict_accepts_every_supported_kind(client, name, make):
+    response = await client.post("/predict", files=files((name, make())))
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["filename"] == name
+
+
+async def test_sixteen_bit_images_are_scaled_not_clipped(app):
+    from service.images import decode_image
+
+    half = Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16))
+    decoded = decode_image(encode(half), "deep.png", max_pixels=10_000)
+    assert 120 <= int(decoded.float().mean()) <= 135
+
+
+async def test_exif_orientation_is_honoured():
+    from service.images import decode_image
+
+    image = Image.new("RGB", (64, 32), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 32, 32))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display: the white half ends on top
+    data = encode(image, "JPEG", exif=exif, quality=95)
+    decoded = decode_image(data, "rotated.jpg", max_pixels=10_000).float()
+    assert decoded[:, :12].mean() > 200 and decoded[:, -12:].mean() < 50
+
+
+# -- refusals: always 4xx JSON naming the file, and the service keeps serving -------------------------
+@pytest.mark.parametrize(
+    ("payload", "status", "words"),
+    [
+        (("notes.txt", b"hello, this is not an image"), 400, "notes.txt: not an image"),
+        (("empty.png", b""), 400, "empty.png: empty file"),
+        (("cut.png", png(9)[:60]), 400, "cut.png: corrupt"),
+        (("scan.tiff", encode(random_image(0), "TIFF")), 415, "scan.tiff: unsupported image type TIFF"),
+        (("huge.png", encode(Image.new("L", (2000, 1000)))), 413, "huge.png: 2000x1000 pixels exceeds"),
+    ],
+)
+async def test_bad_uploads_get_clear_4xx(client, payload, status, words):
+    response = await client.post("/predict", files=files(payload))
+    assert response.status_code == status
+    assert words in response.json()["detail"]
+    assert (await client.post("/predict", files=files(("ok.png", png(1))))).status_code == 200
+
+
+async def test_request_level_refusals(client, settings):
+    response = await client.post("/predict", content=b"{}", headers={"content-type": "application/json"})
+    assert response.status_code == 415 and "multipart/form-data" in response.json()["detail"]
+    response = await client.post("/predict", files=[("other", ("a.png", png(0), "image/png"))])
+    assert response.status_code == 422 and "files" in response.json()["detail"]
+    many = files(*[(f"{i}.png", png(i)) for i in range(settings.max_files + 1)])
+    response = await client.post("/predict", files=many)
+    assert response.status_code == 413 and "too many files" in response.json()["detail"]
+    big = files(("big.bin", b"\0" * (settings.max_upload_bytes + 10)))
+    response = await client.post("/predict", files=big)
+    assert response.status_code == 413 and "exceeds" in response.json()["detail"]
+    assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_streamed_body_over_the_limit_is_cut_off(client, settings):
+    async def chunks():  # a well-formed multipart start, then a file that never ends
+        yield b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+        for _ in range(settings.max_upload_bytes // 65536 + 2):
+            yield b"\0" * 65536
+
+    response = await client.post(
+        "/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    assert response.status_code == 413
+
+
+async def test_decompression_bomb_is_refused_before_decoding(client):
+    bomb = encode(Image.new("1", (20000, 20000)), "PNG")  # ~50 kB on the wire, 400 MP decoded
+    assert len(bomb) < 200_000
+    response = await client.post("/predict", files=files(("bomb.png", bomb)))
+    assert response.status_code == 413 and "bomb.png" in response.json()["detail"]
+
+
+# -- batching -----------------------------------------------------------------------------------------
+async def test_concurrent_clients_each_get_their_own_answers(client, app):
+    rng = np.random.default_rng(0)
+    requests = []
+    for r in range(24):
+        count = int(rng.integers(1, 5))
+        requests.append(([(f"r{r}-{i}.png", png(1000 * r + i)) for i in range(count)], int(rng.integers(1, 6))))
+
+    async def call(payloads, k):
+        return await client.post(f"/predict?top_k={k}", files=files(*payloads))
+
+    responses = await asyncio.gather(*(call(p, k) for p, k in requests))
+    for (payloads, k), response in zip(requests, responses, strict=True):
+        assert response.status_code == 200
+        predictions = response.json()["predictions"]
+        assert [p["filename"] for p in predictions] == [name for name, _ in payloads]
+        for (_, data), prediction in zip(payloads, predictions, strict=True):
+            reference = single_image_probabilities(app, data)
+            assert len(prediction["top_k"]) == k
+            assert prediction["top_k"][0]["index"] == int(reference.argmax())
+            for entry in prediction["top_k"]:
+                assert entry["probability"] == pytest.approx(reference[entry["index"]].item(), abs=1e-4)
+    sizes = app.state.camserve.metrics.batch_size.labels("/predict")
+    assert sizes._sum.get() == sum(len(p) for p, _ in requests)  # every image ran exactly once
+
+
+async def test_full_queue_answers_503_with_retry_after(settings, bundle_dir):
+    tight = settings.model_copy(update={"queue_size": 3})
+    app = create_app(tight)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+            response = await client.post("/predict", files=files(*[(f"{i}.png", png(i)) for i in range(4)]))
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == str(tight.retry_after_s)
+            assert "queue is full" in response.json()["detail"]
+            assert (await client.post("/predict", files=files(("a.png", png(0))))).status_code == 200
+
+
+async def test_a_failing_batch_fails_only_its_requests(client, app):
+    engine = app.state.camserve.engine
+    original = engine.predict
+    calls = {"n": 0}
+
+    def flaky(images):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device fault")
+        return original(images)
+
+    engine_batcher = app.state.camserve.predict_batcher
+    engine_batcher._run_batch = flaky
+    try:
+        failed = await client.post("/predict", files=files(("a.png", png(0))))
+        assert failed.status_code == 500
+        assert "simulated device fault" in failed.json()["detail"]
+        ok = await client.post("/predict", files=files(("b.png", png(1))))
+        assert ok.status_code == 200
+    finally:
+        engine_batcher._run_batch = original
+
+
+# -- /gradcam -----------------------------------------------------------------------------------------
+async def test_gradcam_json_contract(client):
+    response = await client.post("/gradcam?opacity=0.7", files=files(("a.png", png(0)), ("b.png", png(1))))
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == ["a.png", "b.png"]
+    for result in results:
+        heatmap = np.array(result["heatmap"])
+        assert heatmap.shape == (32, 32) and heatmap.min() >= 0 and heatmap.max() <= 1
+        assert result["layer"] == "layer2" and result["target"] == result["label"]
+        overlay = Image.open(io.BytesIO(base64.b64decode(result["overlay_png"])))
+        assert overlay.size == (32, 32) and overlay.mode == "RGB"
+
+
+async def test_gradcam_target_layer_and_png(client):
+    by_label = (await client.post("/gradcam?target=cat&layer=layer3", files=files(("a.png", png(0))))).json()
+    by_index = (await client.post("/gradcam?target=3&layer=layer3", files=files(("a.png", png(0))))).json()
+    assert by_label["results"][0]["target"] == "cat" == by_index["results"][0]["target"]
+    assert by_label["results"][0]["heatmap"] == by_index["results"][0]["heatmap"]
+    response = await client.post("/gradcam?format=png", files=files(("a.png", png(0))))
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(response.content)).size == (32, 32)
+
+
+async def test_gradcam_opacity_changes_the_overlay(client):
+    clear = (await client.post("/gradcam?opacity=0", files=files(("a.png", png(0))))).json()["results"][0]
+    full = (await client.post("/gradcam?opacity=1", files=files(("a.png", png(0))))).json()["results"][0]
+    original = np.asarray(random_image(0))
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(clear["overlay_png"]))))
+    assert np.array_equal(shown, original)
+    assert clear["overlay_png"] != full["overlay_png"]
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ("layer=layer9", "valid layers: ['prep', 'layer1', 'layer2', 'layer3']"),
+        ("target=giraffe", "unknown target 'giraffe'"),
+        ("target=10", "out of range"),
+        ("opacity=1.5", ""),
+        ("format=gif", ""),
+    ],
+)
+async def test_gradcam_bad_parameters_are_422(client, query, words):
+    response = await client.post(f"/gradcam?{query}", files=files(("a.png", png(0))))
+    assert response.status_code == 422
+    assert words in str(response.json()["detail"])
+
+
+async def test_gradcam_png_needs_exactly_one_file(client):
+    response = await client.post("/gradcam?format=png", files=files(("a.png", png(0)), ("b.png", png(1))))
+    assert response.status_code == 422
+
+
+async def test_model_weights_never_store_gradients(client, app):
+    await client.post("/gradcam", files=files(("a.png", png(0))))
+    model = app.state.camserve.engine.model
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+# -- misclassified, metrics, auth ------------------------------------------------------------------
+async def test_misclassified_gallery(client):
+    body = (await client.get("/misclassified?n=3")).json()
+    assert body["total"] == 6 and len(body["items"]) == 3
+    item = body["items"][0]
+    assert {"true_label", "predicted_label", "confidence", "image_png"} <= set(item)
+    assert Image.open(io.BytesIO(base64.b64decode(item["image_png"]))).size == (32, 32)
+    assert (await client.get("/misclassified?n=7")).status_code == 422
+    assert (await client.get("/misclassified?n=0")).status_code == 422
+
+
+async def test_metrics_and_request_ids(client):
+    response = await client.post("/predict", files=files(("a.png", png(0))), headers={"X-Request-ID": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+    assert len((await client.get("/livez")).headers["x-request-id"]) == 32
+    await client.post("/predict", files=files(("bad.txt", b"nope")))
+    text = (await client.get("/metrics")).text
+    assert 'camserve_requests_total{endpoint="/predict",method="POST",status="200"} 1.0' in text
+    assert 'camserve_rejections_total{reason="image_400"} 1.0' in text
+    assert 'camserve_batch_size_count{endpoint="/predict"} 1.0' in text
+    assert "camserve_queue_depth" in text and "camserve_model_info" in text
+
+
+async def test_api_key_protects_the_api_but_not_the_probes(settings):
+    secured = settings.model_copy(update={"api_key": SecretStr("s3cret")})
+    app = create_app(secured)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+            upload = files(("a.png", png(0)))
+            assert (await client.post("/predict", files=upload)).status_code == 401
+            assert (await client.post("/predict", files=upload, headers={"X-API-Key": "wrong"})).status_code == 401
+            ok = await client.post("/predict", files=upload, headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200
+            assert (await client.post("/predict", files=upload, headers={"X-API-Key": "s3cret"})).status_code == 200
+            for path in ("/health", "/livez", "/readyz"):
+                assert (await client.get(path)).status_code == 200
