@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -10,6 +11,10 @@ import uvicorn
 from service.app import create_app
 from service.bundle import BundleError, load_bundle
 from service.settings import Settings
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def main() -> None:
@@ -21,6 +26,10 @@ def main() -> None:
         print(f"camserve: cannot start: {exc}", file=sys.stderr)
         sys.exit(2)
     app = create_app(settings, bundle=bundle)
+    # Uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler installed before it.
+    # Ours turns that into exit status 0: a drained shutdown is a clean one, for Docker and k8s alike.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     uvicorn.run(
         app,
         host=settings.host,
