@@ -33,6 +33,7 @@ export: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix .

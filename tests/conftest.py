@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import make_bundle, make_image_folder  # noqa: E402
+from helpers import make_bundle, make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_BUNDLE = REPO / "models" / "cifar10-resnet"
@@ -20,8 +20,11 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 def shared_cifar_archive() -> Path | None:
     """The real CIFAR-10 JPEG archive, where this machine has it (never committed)."""
-    candidates = [os.environ.get("CAMSERVE_CIFAR_ARCHIVE", ""), REPO.parent / "shared/data/cifar10-jpeg.tar.gz",
-                  Path("/work/shared/data/cifar10-jpeg.tar.gz")]
+    candidates = [
+        os.environ.get("CAMSERVE_CIFAR_ARCHIVE", ""),
+        REPO.parent / "shared/data/cifar10-jpeg.tar.gz",
+        Path("/work/shared/data/cifar10-jpeg.tar.gz"),
+    ]
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate)

@@ -55,8 +55,13 @@ def make_bundle(path: Path, seed: int = 0, misclassified: int = 6) -> Path:
         name = f"{MISCLASSIFIED_DIR}/{i:03d}-test{i:05d}.png"
         random_image(100 + i).save(path / name)
         entries.append(
-            {"file": name, "test_index": i, "true_label": CLASSES[i % 10], "predicted_label": CLASSES[(i + 1) % 10],
-             "confidence": 0.5}
+            {
+                "file": name,
+                "test_index": i,
+                "true_label": CLASSES[i % 10],
+                "predicted_label": CLASSES[(i + 1) % 10],
+                "confidence": 0.5,
+            }
         )
     metadata = {
         "name": "test-bundle",

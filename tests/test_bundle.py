@@ -76,7 +76,7 @@ def test_corrupted_weights_fail_the_checksum(bundle: Path):
     data = bytearray((bundle / WEIGHTS_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (bundle / WEIGHTS_FILE).write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="model.safetensors: sha256 .* does not match"):
+    with pytest.raises(BundleError, match=r"model\.safetensors: sha256 .* does not match"):
         load_bundle(bundle)
 
 
@@ -126,8 +126,19 @@ def test_shipped_bundle_is_valid_when_present():
     loaded = load_bundle(shipped)
     meta = loaded.metadata
     assert len(meta["misclassified"]) >= 20
-    for key in ("test_accuracy", "val_accuracy", "per_class_accuracy", "confusion_matrix", "trained_epochs",
-                "training_seconds", "hardware", "dataset", "seed", "parameters", "input_size"):
+    for key in (
+        "test_accuracy",
+        "val_accuracy",
+        "per_class_accuracy",
+        "confusion_matrix",
+        "trained_epochs",
+        "training_seconds",
+        "hardware",
+        "dataset",
+        "seed",
+        "parameters",
+        "input_size",
+    ):
         assert key in meta, key
     assert sum(map(sum, meta["confusion_matrix"])) == meta["test_images"]
 

@@ -48,6 +48,7 @@ def test_concurrent_clients_over_real_http(server, bundle_dir):
     async def run():
         limits = httpx.Limits(max_connections=32)
         async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+
             async def one(start: int, count: int):
                 files = [("files", (f"{start + j}.png", payloads[start + j])) for j in range(count)]
                 return start, count, await client.post("/predict?top_k=10", files=files)

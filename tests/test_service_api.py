@@ -23,8 +23,15 @@ from service.transforms import image_to_uint8
 
 @pytest.fixture
 def settings(bundle_dir: Path) -> Settings:
-    return Settings(model_dir=bundle_dir, precision="fp32", max_files=8, max_upload_bytes=2_000_000,
-                    max_image_pixels=1_000_000, queue_size=64, log_requests=False)
+    return Settings(
+        model_dir=bundle_dir,
+        precision="fp32",
+        max_files=8,
+        max_upload_bytes=2_000_000,
+        max_image_pixels=1_000_000,
+        queue_size=64,
+        log_requests=False,
+    )
 
 
 @pytest.fixture
@@ -64,8 +71,11 @@ async def test_health_reports_model_device_and_batching(client, settings):
     assert {"test_accuracy", "val_accuracy", "per_class_accuracy", "trained_epochs", "dataset"} <= set(model)
     assert body["gradcam"]["default_layer"] == "layer2"
     assert [layer["name"] for layer in body["gradcam"]["layers"]] == ["prep", "layer1", "layer2", "layer3"]
-    assert body["batching"] == {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
-                                "queue_size": settings.queue_size}
+    assert body["batching"] == {
+        "max_batch_size": settings.max_batch_size,
+        "max_wait_ms": settings.max_wait_ms,
+        "queue_size": settings.queue_size,
+    }
 
 
 async def test_live_ready_and_openapi(client):
@@ -233,13 +243,15 @@ async def test_concurrent_clients_each_get_their_own_answers(client, app):
 async def test_full_queue_answers_503_with_retry_after(settings, bundle_dir):
     tight = settings.model_copy(update={"queue_size": 3})
     app = create_app(tight)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
-            response = await client.post("/predict", files=files(*[(f"{i}.png", png(i)) for i in range(4)]))
-            assert response.status_code == 503
-            assert response.headers["retry-after"] == str(tight.retry_after_s)
-            assert "queue is full" in response.json()["detail"]
-            assert (await client.post("/predict", files=files(("a.png", png(0))))).status_code == 200
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client,
+    ):
+        response = await client.post("/predict", files=files(*[(f"{i}.png", png(i)) for i in range(4)]))
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == str(tight.retry_after_s)
+        assert "queue is full" in response.json()["detail"]
+        assert (await client.post("/predict", files=files(("a.png", png(0))))).status_code == 200
 
 
 async def test_a_failing_batch_fails_only_its_requests(client, app):
@@ -351,13 +363,15 @@ async def test_metrics_and_request_ids(client):
 async def test_api_key_protects_the_api_but_not_the_probes(settings):
     secured = settings.model_copy(update={"api_key": SecretStr("s3cret")})
     app = create_app(secured)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
-            upload = files(("a.png", png(0)))
-            assert (await client.post("/predict", files=upload)).status_code == 401
-            assert (await client.post("/predict", files=upload, headers={"X-API-Key": "wrong"})).status_code == 401
-            ok = await client.post("/predict", files=upload, headers={"Authorization": "Bearer s3cret"})
-            assert ok.status_code == 200
-            assert (await client.post("/predict", files=upload, headers={"X-API-Key": "s3cret"})).status_code == 200
-            for path in ("/health", "/livez", "/readyz"):
-                assert (await client.get(path)).status_code == 200
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client,
+    ):
+        upload = files(("a.png", png(0)))
+        assert (await client.post("/predict", files=upload)).status_code == 401
+        assert (await client.post("/predict", files=upload, headers={"X-API-Key": "wrong"})).status_code == 401
+        ok = await client.post("/predict", files=upload, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert (await client.post("/predict", files=upload, headers={"X-API-Key": "s3cret"})).status_code == 200
+        for path in ("/health", "/livez", "/readyz"):
+            assert (await client.get(path)).status_code == 200

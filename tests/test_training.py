@@ -1,5 +1,6 @@
 """The Lightning job on tiny generated data: sources, schedule, loss, smoke run, checkpoint parity."""
 
+import itertools
 import tarfile
 from pathlib import Path
 
@@ -27,8 +28,8 @@ def test_one_cycle_schedule_values():
     assert custom_one_cycle_lr(150, total, 0.2) == pytest.approx(0.0)
     values = [custom_one_cycle_lr(s, total, 0.2) for s in range(total + 1)]
     peak = values.index(max(values))
-    assert all(a <= b for a, b in zip(values[:peak], values[1 : peak + 1], strict=True))
-    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1 :], strict=False))
+    assert all(a <= b for a, b in itertools.pairwise(values[: peak + 1]))
+    assert all(a >= b for a, b in itertools.pairwise(values[peak:]))
 
 
 def test_smoothed_nll_equals_cross_entropy_with_label_smoothing():
@@ -50,6 +51,7 @@ def test_image_folder_and_its_archive_decode_identically(tiny_folder: Path, tmp_
     assert from_dir.train.images.shape == (60, 3, 32, 32) and from_dir.train.images.dtype == torch.uint8
     assert from_dir.test.images.shape == (30, 3, 32, 32)
     assert torch.equal(from_dir.train.labels.bincount(), torch.full((10,), 6))
+
     # Same multiset of (image, label) pairs whatever order the archive lists members in.
     def key(split: data.Split) -> list:
         return sorted((int(y), img.flatten().tolist()) for img, y in zip(split.images, split.labels, strict=True))
@@ -70,7 +72,7 @@ def test_prepare_caches_decoded_tensors(tiny_folder: Path, tmp_path: Path):
 def test_validation_split_is_seeded_and_disjoint(tiny_folder: Path, cache_dir: Path):
     cifar = data.load("folder", tiny_folder, cache_dir)
     train_a, val_a = data.train_val_split(cifar.train, 10, seed=3)
-    train_b, val_b = data.train_val_split(cifar.train, 10, seed=3)
+    _, val_b = data.train_val_split(cifar.train, 10, seed=3)
     _, val_c = data.train_val_split(cifar.train, 10, seed=4)
     assert torch.equal(val_a.images, val_b.images) and len(val_a) == 10 and len(train_a) == 50
     assert not torch.equal(val_a.labels, val_c.labels) or not torch.equal(val_a.images, val_c.images)
@@ -129,7 +131,7 @@ def trained_checkpoint(tiny_folder: Path, cache_dir: Path, tmp_path_factory: pyt
 
 
 def test_fit_writes_resumable_checkpoints_and_logs(trained_checkpoint):
-    module, last, run_dir = trained_checkpoint
+    _, last, run_dir = trained_checkpoint
     assert last.is_file()
     assert len(list((run_dir / "checkpoints").glob("epoch*.ckpt"))) == 2
     assert list(run_dir.glob("logs/*/metrics.csv"))
@@ -169,3 +171,36 @@ def test_checkpoint_and_bundle_give_the_same_predictions(trained_checkpoint, tin
         assert entry["true_label"] != entry["predicted_label"]
     assert meta["gradcam"]["default_layer"] == "layer2"
     assert "bf16" in meta["precision_agreement"]
+
+
+def test_cli_fit_resumes_from_last_checkpoint(tiny_folder, cache_dir, tmp_path):
+    from training.cli import main
+
+    def fit(epochs: int) -> dict:
+        main(
+            [
+                "fit",
+                "--data-dir",
+                str(tiny_folder),
+                "--cache-dir",
+                str(cache_dir),
+                "--run-dir",
+                str(tmp_path),
+                "--epochs",
+                str(epochs),
+                "--batch-size",
+                "16",
+                "--val-size",
+                "10",
+                "--precision",
+                "32-true",
+            ]
+        )
+        return torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+    before = fit(1)  # as if interrupted after one epoch
+    after = fit(2)
+    assert before["camserve"]["trained_epochs"] == 1 and after["camserve"]["trained_epochs"] == 2
+    assert after["global_step"] == 2 * before["global_step"]  # one more epoch, not two
+    assert after["camserve"]["train_seconds"] > before["camserve"]["train_seconds"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "last.ckpt"

@@ -32,6 +32,7 @@ def build_trainer(
         filename="epoch{epoch:03d}-val_acc{val_acc:.4f}",
         auto_insert_metric_name=False,
         save_last=True,  # last.ckpt: what `fit` resumes from after an interruption
+        enable_version_counter=False,  # always overwrite last.ckpt, never write last-v1.ckpt
         save_top_k=-1,
         every_n_epochs=1,
     )
@@ -62,6 +63,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         label_smoothing=args.label_smoothing,
         warmup_fraction=args.warmup_fraction,
+        val_size=args.val_size,
         seed=args.seed,
         cache_dir=args.cache_dir,
     )
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=512)
     fit.add_argument("--label-smoothing", type=float, default=0.2)
     fit.add_argument("--warmup-fraction", type=float, default=0.2)
+    fit.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--precision", default=default_precision())
     fit.add_argument("--fast-dev-run", action="store_true", help="one batch of each loop, as a smoke test")
