@@ -50,7 +50,7 @@ class _Item(Generic[Payload]):
 
 @dataclass
 class BatchStats:
-    """What the worker reports for each batch (fed to Prometheus by the app)."""
+    """What the worker reports for each batch (fed to Prometheus by the app); size 0: all dropped."""
 
     size: int
     queue_wait_s: list[float]
@@ -80,6 +80,7 @@ class DynamicBatcher(Generic[Payload, Result]):
         self._queue: asyncio.Queue[_Item[Payload]] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
         self._accepting = False
+        self._running = 0  # images in the batch now on the model thread
         self._gap_ewma_s = float("inf")  # smoothed time between arrivals
         self._last_arrival = 0.0
 
@@ -92,7 +93,7 @@ class DynamicBatcher(Generic[Payload, Result]):
         """Refuse new work, finish everything already accepted, then stop the worker."""
         self._accepting = False
         deadline = time.perf_counter() + drain_timeout_s
-        while self._queue.qsize() and time.perf_counter() < deadline:
+        while (self._queue.qsize() or self._running) and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
         if self._worker is not None:
             self._worker.cancel()
@@ -160,9 +161,12 @@ class DynamicBatcher(Generic[Payload, Result]):
         while True:
             batch = await self._collect()
             live = [item for item in batch if not item.future.done()]
-            if not live:
+            if not live:  # every caller gave up: nothing to run, but the drop is reported
+                if self._on_batch is not None:
+                    self._on_batch(BatchStats(size=0, queue_wait_s=[], run_s=0.0, dropped=len(batch)))
                 continue
             started = time.perf_counter()
+            self._running = len(live)
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, [i.payload for i in live])
                 if len(results) != len(live):
@@ -180,6 +184,7 @@ class DynamicBatcher(Generic[Payload, Result]):
                         item.future.set_exception(error)
                 continue
             finally:
+                self._running = 0
                 if self._on_batch is not None:
                     self._on_batch(
                         BatchStats(

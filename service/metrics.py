@@ -41,13 +41,15 @@ class ServiceMetrics:
 
     def batch_observer(self, endpoint: str):
         def observe(stats: BatchStats) -> None:
+            if stats.dropped:
+                self.dropped.labels(endpoint).inc(stats.dropped)
+            if not stats.size:
+                return
             self.batch_size.labels(endpoint).observe(stats.size)
             self.inference.labels(endpoint).observe(stats.run_s)
             self.images.labels(endpoint).inc(stats.size)
             wait = self.queue_wait.labels(endpoint)
             for seconds in stats.queue_wait_s:
                 wait.observe(seconds)
-            if stats.dropped:
-                self.dropped.labels(endpoint).inc(stats.dropped)
 
         return observe

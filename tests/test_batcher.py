@@ -1,0 +1,125 @@
+"""The dynamic batcher on its own, with a stand-in model: ordering, batching, timeouts, faults, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.batcher import BatchFailed, BatchStats, DynamicBatcher, QueueFull, ShuttingDown
+
+
+class FakeModel:
+    """Doubles its inputs; records every batch; can be slowed down or made to fail."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.delay_s = delay_s
+        self.fail_when: int | None = None
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, xs: list[int]) -> list[int]:
+        self.gate.wait(5)
+        self.batches.append(list(xs))
+        if self.fail_when is not None and self.fail_when in xs:
+            raise RuntimeError("boom")
+        time.sleep(self.delay_s)
+        return [2 * x for x in xs]
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+def make(model: FakeModel, executor, **kwargs) -> tuple[DynamicBatcher, list[BatchStats]]:
+    stats: list[BatchStats] = []
+    options = {"max_batch_size": 8, "max_wait_ms": 5.0, "queue_size": 64} | kwargs
+    batcher = DynamicBatcher("test", model, executor=executor, on_batch=stats.append, **options)
+    batcher.start()
+    return batcher, stats
+
+
+async def test_a_lone_request_does_not_wait_for_a_batch(executor):
+    model = FakeModel()
+    batcher, _ = make(model, executor, max_wait_ms=500.0)
+    started = time.perf_counter()
+    assert await batcher.submit([21], timeout_s=5) == [42]
+    assert time.perf_counter() - started < 0.25  # far below the 500 ms max wait
+    await batcher.stop()
+
+
+async def test_concurrent_requests_share_batches_and_get_their_own_rows(executor):
+    model = FakeModel(delay_s=0.01)
+    batcher, stats = make(model, executor)
+    results = await asyncio.gather(*(batcher.submit([i, 100 + i], timeout_s=5) for i in range(20)))
+    assert results == [[2 * i, 2 * (100 + i)] for i in range(20)]
+    assert max(s.size for s in stats) > 2  # requests were batched together
+    assert all(s.size <= 8 for s in stats)
+    assert sum(s.size for s in stats) == 40  # every image ran exactly once
+    await batcher.stop()
+
+
+async def test_a_big_request_is_split_and_reassembled_in_order(executor):
+    model = FakeModel()
+    batcher, stats = make(model, executor, max_batch_size=4)
+    assert await batcher.submit(list(range(10)), timeout_s=5) == [2 * i for i in range(10)]
+    assert [s.size for s in stats] == [4, 4, 2]
+    await batcher.stop()
+
+
+async def test_queue_full_refuses_the_whole_request(executor):
+    model = FakeModel()
+    model.gate.clear()  # the model is stuck: nothing leaves the queue
+    batcher, _ = make(model, executor, queue_size=4, max_batch_size=1)
+    first = asyncio.create_task(batcher.submit([1], timeout_s=5))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.create_task(batcher.submit([2, 3, 4], timeout_s=5))
+    await asyncio.sleep(0.05)
+    with pytest.raises(QueueFull):
+        await batcher.submit([5, 6], timeout_s=5)
+    model.gate.set()
+    assert await first == [2] and await waiting == [4, 6, 8]
+    await batcher.stop()
+
+
+async def test_timed_out_rows_are_dropped_not_run(executor):
+    model = FakeModel()
+    model.gate.clear()
+    batcher, stats = make(model, executor, max_batch_size=1)
+    blocker = asyncio.create_task(batcher.submit([1], timeout_s=5))
+    await asyncio.sleep(0.05)
+    with pytest.raises(TimeoutError):
+        await batcher.submit([7, 8], timeout_s=0.05)
+    model.gate.set()
+    await blocker
+    assert await batcher.submit([9], timeout_s=5) == [18]
+    assert [7] not in model.batches and [8] not in model.batches
+    assert sum(s.dropped for s in stats) == 2
+    await batcher.stop()
+
+
+async def test_a_failing_batch_fails_only_its_own_callers(executor):
+    model = FakeModel()
+    model.fail_when = 13
+    batcher, _ = make(model, executor, max_batch_size=1)
+    with pytest.raises(BatchFailed, match="RuntimeError: boom"):
+        await batcher.submit([13], timeout_s=5)
+    assert await batcher.submit([4], timeout_s=5) == [8]
+    await batcher.stop()
+
+
+async def test_stop_finishes_accepted_work_then_refuses(executor):
+    model = FakeModel(delay_s=0.02)
+    batcher, _ = make(model, executor, max_batch_size=2)
+    pending = [asyncio.create_task(batcher.submit([i], timeout_s=5)) for i in range(6)]
+    await asyncio.sleep(0.01)
+    await batcher.stop()
+    assert [await p for p in pending] == [[2 * i] for i in range(6)]
+    with pytest.raises(ShuttingDown):
+        await batcher.submit([1], timeout_s=5)
