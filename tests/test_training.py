@@ -204,3 +204,15 @@ def test_cli_fit_resumes_from_last_checkpoint(tiny_folder, cache_dir, tmp_path):
     assert after["global_step"] == 2 * before["global_step"]  # one more epoch, not two
     assert after["camserve"]["train_seconds"] > before["camserve"]["train_seconds"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "last.ckpt"
+
+
+def test_cli_test_and_export_commands(trained_checkpoint, cache_dir, tmp_path, capsys):
+    from training.cli import main
+
+    _, last, _ = trained_checkpoint
+    main(["test", str(last), "--cache-dir", str(cache_dir), "--precision", "32-true"])
+    assert "test_acc" in capsys.readouterr().out
+    main(
+        ["export", str(last), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "bundle"), "--misclassified", "3"]
+    )
+    assert load_bundle(tmp_path / "bundle").metadata["trained_epochs"] == 2
