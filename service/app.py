@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
@@ -27,7 +26,6 @@ from service.settings import Settings
 from service.web import mount_static
 
 log = logging.getLogger("camserve")
-STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 @dataclass

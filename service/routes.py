@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.app import STATIC_DIR, ServiceState
+from service.app import ServiceState
 from service.batcher import BatchFailed, DynamicBatcher, QueueFull, ShuttingDown
 from service.engine import GradcamJob
 from service.gradcam import overlay, png_base64, png_bytes
@@ -24,6 +24,7 @@ from service.schemas import (
     PredictResponse,
 )
 from service.uploads import MULTIPART_OPENAPI, decode_uploads, read_uploads
+from service.web import STATIC_DIR
 
 router = APIRouter()
 
