@@ -5,13 +5,14 @@
 #   docker build -t camserve .
 #   docker run --rm -p 8000:8000 camserve
 #
-# Three stages:
+# Four stages:
 #   base     the Python 3.11 runtime (the official slim image by default; any Debian-family image
 #            whose apt can install python3.11 works too, e.g. a locally imported debootstrap rootfs,
 #            see docker/build-and-smoke.sh) plus tini as PID 1.
 #   builder  a virtual environment at /opt/venv with the project's runtime dependencies (torch pinned;
 #            no Lightning, no torchvision: those live in the `train` extra) and the camserve wheel.
-#   runtime  base + /opt/venv + the shipped bundle, run as an unprivileged user.
+#   bundle   the shipped model bundle, permissions fixed.
+#   runtime  base + /opt/venv + the bundle, run as an unprivileged user.
 #
 # BASE_IMAGE must provide python3.11 or an apt that can install it.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
@@ -67,15 +68,23 @@ RUN pip wheel --no-deps --wheel-dir /tmp/dist . \
     && python -c 'import importlib.util as u, sys; bad = [m for m in ("lightning", "torchvision") if u.find_spec(m)]; sys.exit(f"training-only packages in the runtime venv: {bad}" if bad else 0)'
 
 
+FROM base AS bundle
+# The shipped bundle, made world-readable: an export can leave model.safetensors 0600 and its
+# directory 0700 (safetensors and mkdtemp defaults), which the unprivileged user could not read.
+COPY models/cifar10-resnet /opt/camserve/models/cifar10-resnet
+RUN chmod -R u=rwX,go=rX /opt/camserve/models
+
+
 FROM base AS runtime
 ARG CAMSERVE_UID=10001
-RUN groupadd --system --gid "${CAMSERVE_UID}" camserve \
-    && useradd --system --uid "${CAMSERVE_UID}" --gid camserve --create-home --home-dir /home/camserve \
+RUN groupadd --gid "${CAMSERVE_UID}" camserve \
+    && useradd --no-log-init --uid "${CAMSERVE_UID}" --gid camserve --create-home --home-dir /home/camserve \
         --shell /usr/sbin/nologin camserve
 WORKDIR /opt/camserve
-# The shipped bundle. To serve another one, mount its directory and point CAMSERVE_MODEL_DIR at it:
+# The shipped bundle. To serve another one, mount its directory (readable by uid 10001) and point
+# CAMSERVE_MODEL_DIR at it:
 #   docker run -v /path/to/bundle:/models/mine:ro -e CAMSERVE_MODEL_DIR=/models/mine camserve
-COPY --chown=root:root models/cifar10-resnet /opt/camserve/models/cifar10-resnet
+COPY --from=bundle /opt/camserve/models /opt/camserve/models
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/camserve \
@@ -88,6 +97,9 @@ EXPOSE 8000
 # container unhealthy. Python's urllib: the slim image has no curl.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('CAMSERVE_PORT', '8000'), timeout=4).status == 200 else 1)"]
+# On SIGTERM uvicorn stops accepting, finishes in-flight requests (the service drains its batchers),
+# then re-raises the signal, so python ends "killed by SIGTERM" (143) even after a clean shutdown;
+# tini -e 143 reports that as exit code 0. Any other code (2: bad bundle, 1: crash) passes through.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["/usr/bin/tini", "--"]
+ENTRYPOINT ["/usr/bin/tini", "-e", "143", "--"]
 CMD ["python", "-m", "service"]

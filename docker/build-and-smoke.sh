@@ -10,7 +10,7 @@
 # Made for a machine with no Docker daemon and no registry to pull from (CI here):
 #   * podman, runc and debootstrap come from Debian's packages;
 #   * podman's config lives in $CAMSERVE_PODMAN_STATE (containers.conf: runc, cgroupfs, file
-#     events, nofile=20000; storage.conf: vfs), selected with CONTAINERS_CONF and
+#     events, nofile=20000, nproc=32768; storage.conf: vfs), selected with CONTAINERS_CONF and
 #     CONTAINERS_STORAGE_CONF, so the machine's own podman setup is left alone;
 #   * the base image is `debootstrap --variant=minbase bookworm`, cached in $CAMSERVE_BASE_DIR and
 #     `podman import`ed; the Dockerfile apt-installs python3.11 into it;
@@ -70,9 +70,12 @@ setup() {
       podman runc debootstrap curl ca-certificates >/dev/null
   fi
   mkdir -p "$STATE/storage" "$STATE/run" "$STATE/pip"
+  # nproc: rootful podman otherwise asks runc for RLIMIT_NPROC=4194304, which a sandbox without
+  # CAP_SYS_RESOURCE refuses ("error setting rlimit type 6: operation not permitted"); 32768 was
+  # the highest value runc could set in this project's CI sandbox.
   cat >"$STATE/containers.conf" <<EOF
 [containers]
-default_ulimits = ["nofile=20000:20000"]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 log_driver = "k8s-file"
 
 [engine]
@@ -191,10 +194,14 @@ build() {
     || { tail -40 "$STATE/build.log"; die "podman build failed (full log: $STATE/build.log)"; }
   grep -E '^(STEP|COMMIT|Successfully)' "$STATE/build.log" | sed 's/^/  /'
   log "built $IMAGE in $((SECONDS - started)) s"
+  podman image prune -f >/dev/null  # an earlier build's image, now untagged (vfs: GBs each)
 }
 
 # --- smoke ---------------------------------------------------------------------------------------
 PORT=
+# Without systemd, podman cannot schedule the HEALTHCHECK timer and says so on every run/stop; the
+# script runs the image's HEALTHCHECK itself (podman healthcheck run), so drop those lines.
+quiet_systemd() { "$@" 2> >(grep -v 'unable to get systemd connection' >&2); }
 cleanup_container() { podman rm -f -t 5 "$1" >/dev/null 2>&1 || true; }
 on_exit() {
   local rc=$?
@@ -210,7 +217,7 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 start_and_wait() {  # start_and_wait <extra podman run args...>
   PORT=$(free_port)
   cleanup_container "$CONTAINER"
-  podman run -d --name "$CONTAINER" --network host -e CAMSERVE_PORT="$PORT" "$@" "$IMAGE" >/dev/null
+  quiet_systemd podman run -d --name "$CONTAINER" --network host -e CAMSERVE_PORT="$PORT" "$@" "$IMAGE" >/dev/null
   log "started $CONTAINER on port $PORT; waiting for the image's HEALTHCHECK (GET /readyz)"
   local started=$SECONDS
   until podman healthcheck run "$CONTAINER" >/dev/null 2>&1; do
@@ -308,11 +315,13 @@ check_inside() {
 stop_and_check() {
   local started=$SECONDS code
   log "podman stop -t 30 (SIGTERM)"
-  podman stop -t 30 "$CONTAINER" >/dev/null
+  quiet_systemd podman stop -t 30 "$CONTAINER" >/dev/null
   code=$(podman inspect --format '{{.State.ExitCode}}' "$CONTAINER")
   log "container exited with code $code after $((SECONDS - started)) s; last log lines:"
   podman logs --tail 6 "$CONTAINER" 2>&1 | sed 's/^/  /'
   [ "$code" = 0 ] || die "exit code $code after SIGTERM (expected 0: graceful shutdown)"
+  podman logs "$CONTAINER" 2>&1 | grep -q 'Application shutdown complete' \
+    || die "no 'Application shutdown complete' in the logs: not a graceful shutdown"
 }
 
 smoke() {
@@ -330,7 +339,11 @@ smoke() {
 
   if [ "${CAMSERVE_SMOKE_OVERRIDE:-1}" != 0 ]; then
     log "=== run 2: the bundle mounted from the host (CAMSERVE_MODEL_DIR=/models/override), locked down as in k8s.yaml"
-    start_and_wait -v "$ROOT/$BUNDLE:/models/override:ro" -e CAMSERVE_MODEL_DIR=/models/override \
+    # a mounted bundle must be readable by the image's uid 10001 (an export may leave it 0600)
+    rm -rf "$STATE/override-bundle"
+    cp -r "$ROOT/$BUNDLE" "$STATE/override-bundle"
+    chmod -R a+rX "$STATE/override-bundle"
+    start_and_wait -v "$STATE/override-bundle:/models/override:ro" -e CAMSERVE_MODEL_DIR=/models/override \
       --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
       --memory 3g --cpus 2 -e CAMSERVE_TORCH_THREADS=2
     check_endpoints
