@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from service.batcher import DynamicBatcher
 from service.bundle import Bundle, load_bundle
@@ -135,6 +136,13 @@ def _error_handlers(app: FastAPI) -> None:
     async def body_timeout(request: Request, exc: BodyTimeout) -> JSONResponse:
         app.state.camserve.metrics.rejections.labels("slow_body").inc()
         return JSONResponse({"detail": str(exc)}, status_code=408, headers={"Connection": "close"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        # The client hung up before its body arrived: nobody to answer, and no server error (no 500,
+        # no traceback). 499 is nginx's "client closed request": it is what metrics and the log record.
+        app.state.camserve.metrics.rejections.labels("client_disconnected").inc()
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

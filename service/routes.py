@@ -22,6 +22,7 @@ from service.schemas import (
     Health,
     MisclassifiedResponse,
     PredictResponse,
+    ValidationErrorResponse,
 )
 from service.uploads import MULTIPART_OPENAPI, decode_uploads, read_uploads
 from service.web import STATIC_DIR
@@ -29,7 +30,7 @@ from service.web import STATIC_DIR
 router = APIRouter()
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
+    code: {"model": ValidationErrorResponse if code == 422 else ErrorResponse, "description": text}
     for code, text in {
         400: "not an image, or a corrupt one",
         401: "missing or wrong API key (when one is configured)",
@@ -134,7 +135,8 @@ async def predict(
 def _resolve_target(target: str | None, classes: list[str]) -> int | None:
     if target is None or target == "":
         return None
-    if target.lstrip("-").isdigit():
+    # isdecimal, not isdigit: "²" is a digit that int() refuses, and that would be a 500.
+    if target.lstrip("-").isdecimal() and target.count("-") <= 1:
         index = int(target)
         if 0 <= index < len(classes):
             return index

@@ -100,3 +100,15 @@ class MisclassifiedResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str = Field(examples=["photo.txt: not an image (unrecognised data)"])
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(examples=[["query", "top_k"]])
+    msg: str = Field(examples=["Input should be less than or equal to 10"])
+    type: str = Field(examples=["less_than_equal"])
+
+
+class ValidationErrorResponse(BaseModel):
+    """422: the service's own checks send a message; FastAPI's parameter validation sends a list."""
+
+    detail: str | list[FieldError]
