@@ -1,0 +1,327 @@
+"""Soak run (issue 7): a real server at a steady rate for N minutes; memory and p99 must stay flat.
+
+Not part of CI: it takes minutes and wants a quiet machine. It starts ``python -m service`` on a
+free loopback port (with the tests' launcher, so there is one way to start the service), drives
+``POST /predict`` with ``hey`` in one-minute windows at a fixed rate, and samples the server's
+resident memory (``VmRSS``) throughout. Per window it records requests, answered rate, 503s,
+errors, latency percentiles, and RSS before, after and at peak; then writes
+``<out>/soak.json`` and ``<out>/soak.md``. A leak shows as RSS climbing window after window, a
+queue that never drains as p99 climbing; a steady service shows neither.
+
+    .venv/bin/python bench/soak.py                        # 10 minutes at 40 requests/s
+    .venv/bin/python bench/soak.py --minutes 0.2 --out /tmp/soak   # smoke: a 12 s window
+
+``hey`` is Debian's package of the Go load generator: ``apt-get install hey``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_BUNDLE = REPO / "models" / "cifar10-resnet"
+BOUNDARY = "camserve-soak-boundary"
+sys.path.insert(0, str(REPO / "tests"))
+
+from helpers import encode, make_bundle, random_image  # noqa: E402
+from serving import running_server  # noqa: E402
+
+
+@dataclass
+class Window:
+    """One window of steady load, as ``hey`` and the RSS sampler saw it."""
+
+    index: int
+    seconds: float
+    requests: int
+    rate: float  # answered requests per second
+    statuses: dict[str, int]
+    rejected: int  # 503: shed by the bounded queue
+    errors: int  # transport errors and any status other than 200 and 503
+    latency_ms: dict[str, float | None]  # p50, p90, p99, slowest, average over answered requests (None: none)
+    rss_mb_before: float
+    rss_mb_after: float
+    rss_mb_peak: float
+
+
+# -- the server's memory ----------------------------------------------------------------------------
+def rss_mb(pid: int) -> float:
+    """Resident set size from /proc (no psutil needed): what the kernel charges the server for."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"process {pid} has no VmRSS")
+
+
+class RssSampler:
+    """Samples RSS every ``interval_s`` on a thread, so peaks between window edges are seen too."""
+
+    def __init__(self, pid: int, interval_s: float = 2.0) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), rss_mb(self.pid)))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, since: float, until: float) -> float:
+        return max((mb for t, mb in self.samples if since <= t <= until), default=0.0)
+
+
+# -- hey ----------------------------------------------------------------------------------------------
+def require_hey() -> str:
+    hey = shutil.which("hey")
+    if hey is None:
+        sys.exit(
+            "soak: needs the 'hey' load generator: apt-get install hey (Debian/Ubuntu), "
+            "or go install github.com/rakyll/hey@latest"
+        )
+    return hey
+
+
+def request_body(images: int) -> bytes:
+    """A multipart /predict body with ``images`` distinct 32x32 PNGs (hey sends the same body each time)."""
+    parts = [
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{i}.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + encode(random_image(9000 + i))
+        + b"\r\n"
+        for i in range(images)
+    ]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def run_hey(hey: str, url: str, body: Path, *, seconds: float, rate: float, workers: int) -> str:
+    command = [
+        hey,
+        "-z",
+        f"{seconds:.0f}s",
+        "-c",
+        str(workers),
+        "-q",
+        f"{rate / workers:g}",  # hey's rate limit is per worker
+        "-t",
+        "20",
+        "-m",
+        "POST",
+        "-T",
+        f"multipart/form-data; boundary={BOUNDARY}",
+        "-D",
+        str(body),
+        url,
+    ]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+
+def parse_hey(summary: str) -> dict:
+    """Requests, statuses, errors and latency percentiles from hey's text summary.
+
+    The summary rather than ``-o csv``: the CSV leaves out requests that failed below HTTP, and a
+    soak must count those.
+    """
+
+    def seconds_of(label: str) -> float:
+        match = re.search(rf"{label}:\s+([\d.]+) secs", summary)
+        return float(match.group(1)) * 1000 if match else math.nan
+
+    percentiles = {f"p{p}": float(s) * 1000 for p, s in re.findall(r"(\d+)%+ in ([\d.]+) secs", summary)}
+    statuses = {code: int(n) for code, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", summary)}
+    errors_section = summary.split("Error distribution:", 1)[1] if "Error distribution:" in summary else ""
+    transport_errors = sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]", errors_section, re.MULTILINE))
+    return {
+        "statuses": statuses,
+        "transport_errors": transport_errors,
+        "latency_ms": {
+            "p50": percentiles.get("p50", math.nan),
+            "p90": percentiles.get("p90", math.nan),
+            "p99": percentiles.get("p99", math.nan),
+            "slowest": seconds_of("Slowest"),
+            "average": seconds_of("Average"),
+        },
+    }
+
+
+# -- the run ------------------------------------------------------------------------------------------
+def soak_window(
+    index: int, hey: str, url: str, body: Path, pid: int, sampler: RssSampler, args: argparse.Namespace
+) -> Window:
+    seconds = max(1.0, min(args.window_s, args.minutes * 60 - index * args.window_s))
+    before, started = rss_mb(pid), time.monotonic()
+    parsed = parse_hey(run_hey(hey, url, body, seconds=seconds, rate=args.rate, workers=args.workers))
+    ended, after = time.monotonic(), rss_mb(pid)
+    statuses = parsed["statuses"]
+    answered = sum(statuses.values())
+    other = sum(n for code, n in statuses.items() if code not in ("200", "503"))
+    return Window(
+        index=index,
+        seconds=round(ended - started, 2),
+        requests=answered + parsed["transport_errors"],
+        rate=round(answered / (ended - started), 2),
+        statuses=statuses,
+        rejected=statuses.get("503", 0),
+        errors=other + parsed["transport_errors"],
+        latency_ms={k: None if math.isnan(v) else round(v, 2) for k, v in parsed["latency_ms"].items()},
+        rss_mb_before=round(before, 1),
+        rss_mb_after=round(after, 1),
+        rss_mb_peak=round(max(sampler.peak(started, ended), after), 1),
+    )
+
+
+def rejections_by_reason(base: str) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return {m[0]: float(m[1]) for m in re.findall(r'camserve_rejections_total\{reason="([^"]+)"\} ([\d.e+]+)', text)}
+
+
+def summarise(windows: list[Window], rss_start: float, rss_end: float) -> dict:
+    p99 = [w.latency_ms["p99"] for w in windows if w.latency_ms["p99"] is not None]
+    return {
+        "requests": sum(w.requests for w in windows),
+        "answered_rate": round(
+            sum(w.rate * w.seconds for w in windows) / max(sum(w.seconds for w in windows), 1e-9), 2
+        ),
+        "rejected_503": sum(w.rejected for w in windows),
+        "errors": sum(w.errors for w in windows),
+        "rss_mb": {"start": round(rss_start, 1), "end": round(rss_end, 1), "growth": round(rss_end - rss_start, 1)},
+        "p99_ms": {"first": p99[0], "last": p99[-1], "max": max(p99)} if p99 else {},
+    }
+
+
+def markdown(report: dict) -> str:
+    config, totals = report["config"], report["totals"]
+    lines = [
+        "# Soak run",
+        "",
+        f"{config['minutes']} min at {config['rate']} requests/s ({config['workers']} hey workers, "
+        f"{config['images_per_request']} image(s) per request) against {config['bundle']}, "
+        f"on {config['machine']}; started {report['started']}.",
+        "",
+        f"**{totals['requests']} requests**, answered at {totals['answered_rate']}/s; "
+        f"{totals['rejected_503']} shed with 503, {totals['errors']} errors. "
+        f"RSS {totals['rss_mb']['start']} -> {totals['rss_mb']['end']} MiB ({totals['rss_mb']['growth']:+} MiB). "
+        f"p99 first/last/max window: {totals['p99_ms'].get('first')} / {totals['p99_ms'].get('last')} / "
+        f"{totals['p99_ms'].get('max')} ms.",
+        "",
+        "| window | s | requests | answered/s | 503 | errors | p50 ms | p90 ms | p99 ms | slowest ms | "
+        "RSS before MiB | RSS after MiB | RSS peak MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in report["windows"]:
+        latency = w["latency_ms"]
+        lines.append(
+            f"| {w['index']} | {w['seconds']} | {w['requests']} | {w['rate']} | {w['rejected']} | {w['errors']} | "
+            f"{latency['p50']} | {latency['p90']} | {latency['p99']} | {latency['slowest']} | "
+            f"{w['rss_mb_before']} | {w['rss_mb_after']} | {w['rss_mb_peak']} |"
+        )
+    lines += ["", f"Rejections by reason (server metrics): {report['rejections_by_reason'] or 'none'}", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "soak.md").write_text(markdown(report))
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        "unknown CPU",
+    )
+    return f"{os.cpu_count()} x {cpu}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="total duration (default 10)")
+    parser.add_argument("--rate", type=float, default=40.0, help="requests per second, all workers together")
+    parser.add_argument("--workers", type=int, default=8, help="hey workers (concurrent connections)")
+    parser.add_argument("--images", type=int, default=1, help="images per request")
+    parser.add_argument("--window-s", type=float, default=60.0, help="seconds per reported window (default 60)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="bundle; default: the shipped one, if present")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where soak.json/.md go")
+    parser.add_argument(
+        "--setting", action="append", default=[], metavar="KEY=VALUE", help="server setting, e.g. precision=fp32"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    hey = require_hey()
+    settings = dict(item.split("=", 1) for item in args.setting)
+    with tempfile.TemporaryDirectory(prefix="camserve-soak-") as scratch:
+        scratch_dir = Path(scratch)
+        model_dir = args.model_dir or (SHIPPED_BUNDLE if (SHIPPED_BUNDLE / "model.json").is_file() else None)
+        bundle = str(model_dir) if model_dir else "an untrained test bundle (no shipped bundle found)"
+        if model_dir is None:
+            model_dir = make_bundle(scratch_dir / "bundle")
+        body = scratch_dir / "body.bin"
+        body.write_bytes(request_body(args.images))
+        windows: list[Window] = []
+        report = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": {
+                "minutes": args.minutes,
+                "rate": args.rate,
+                "workers": args.workers,
+                "images_per_request": args.images,
+                "window_s": args.window_s,
+                "bundle": bundle,
+                "settings": settings,
+                "machine": machine(),
+                "load_generator": "hey",
+            },
+        }
+        with running_server(model_dir, scratch_dir / "server.log", **settings) as (base, process):
+            rss_start = rss_mb(process.pid)
+            count = max(1, math.ceil(args.minutes * 60 / args.window_s - 1e-9))
+            with RssSampler(process.pid) as sampler:
+                for index in range(count):
+                    windows.append(soak_window(index, hey, f"{base}/predict", body, process.pid, sampler, args))
+                    w = windows[-1]
+                    print(
+                        f"window {index}: {w.requests} requests, {w.rate}/s, 503 {w.rejected}, errors {w.errors}, "
+                        f"p99 {w.latency_ms['p99']} ms, RSS {w.rss_mb_before} -> {w.rss_mb_after} MiB",
+                        flush=True,
+                    )
+                    report |= {"windows": [asdict(w) for w in windows]}
+                    report |= {"totals": summarise(windows, rss_start, rss_mb(process.pid))}
+                    report |= {"rejections_by_reason": rejections_by_reason(base)}
+                    write_report(args.out, report)  # after every window: an interrupted soak still reports
+    print(f"wrote {args.out / 'soak.json'} and {args.out / 'soak.md'}")
+
+
+if __name__ == "__main__":
+    main()
