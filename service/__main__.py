@@ -20,6 +20,12 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 def main() -> None:
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Request lines are JSON objects already: one per line, nothing in front, for log shippers.
+    access = logging.getLogger("camserve.access")
+    json_lines = logging.StreamHandler()
+    json_lines.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(json_lines)
+    access.propagate = False
     try:
         bundle = load_bundle(settings.model_dir)
     except BundleError as exc:

@@ -574,11 +574,11 @@ def test_overload_sheds_with_503_recovers_and_never_mixes_answers(server: Server
 
 # -- structured request logs ----------------------------------------------------------------------------
 def access_records(log: Path) -> list[dict[str, Any]]:
-    """The JSON object of every ``camserve.access`` line (after the logging prefix)."""
+    """Every request line: each is a whole JSON object on its own line, nothing in front."""
     records = []
     for line in log.read_text().splitlines():
-        if "camserve.access" in line:
-            records.append(json.loads(line[line.index("{") :]))
+        if line.startswith('{"event": "request"'):
+            records.append(json.loads(line))
     return records
 
 
