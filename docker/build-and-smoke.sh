@@ -155,6 +155,7 @@ for key, value in sorted(values.items()):
   # build itself installs (ca-certificates writes /etc/ssl/certs/ca-certificates.crt).
   local -A seen=()
   local token path copy
+  # shellcheck disable=SC2013  # values are whitespace-separated lists (extra-index-url): words
   for token in $(sed -n 's/^[a-z-]* = //p' "$conf"); do
     path=${token#file://}
     [[ "$path" == /* && -e "$path" ]] || continue
@@ -178,6 +179,15 @@ build() {
   [ -f "$ROOT/$BUNDLE/model.json" ] || die "$BUNDLE/model.json is missing: export a bundle first"
   [ -f "$ROOT/README.md" ] || die "README.md is missing (pyproject.toml's readme)"
   pip_sources
+  # an interrupted build leaves buildah working containers behind (GBs each on vfs); this storage
+  # is the script's own, so anything external in it is such a leftover
+  local stale
+  stale=$(podman ps -a --external --format '{{.ID}} {{.Command}}' | awk '$2 == "buildah" {print $1}')
+  if [ -n "$stale" ]; then
+    log "removing build containers left by an interrupted build: $(echo "$stale" | tr '\n' ' ')"
+    # shellcheck disable=SC2086  # one ID per word
+    podman rm -f $stale >/dev/null 2>&1 || true
+  fi
   local avail
   avail=$(df --output=avail -BG "$STATE" | tail -1 | tr -dc 0-9)
   log "building $IMAGE (layers=$LAYERS, ${avail} GB free under $STATE)"
@@ -354,7 +364,8 @@ smoke() {
 
   local bytes
   bytes=$(podman image inspect --format '{{.Size}}' "$IMAGE")
-  log "image $IMAGE: $bytes bytes ($(numfmt --to=iec --suffix=B "$bytes"))"
+  log "image $IMAGE: $bytes bytes = $(numfmt --to=si --round=nearest --format=%.2f "$bytes")B = $(numfmt --to=iec-i --round=nearest --format=%.2f "$bytes")B"
+  podman history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | grep -v '^0 B' | cut -c1-100 | sed 's/^/    layer /' 
   podman images --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' | sed 's/^/  /'
   log "SMOKE PASSED"
 }
