@@ -152,6 +152,7 @@ def export_bundle(
             staging, cifar.test.images, labels, test_logits, classes, misclassified
         )
         write_bundle(staging, net, metadata)
+        staging.chmod(0o755)  # mkdtemp makes it owner-only; a container's non-root user must read it
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
