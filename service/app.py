@@ -23,6 +23,7 @@ from service.engine import GradcamJob, GradcamRow, InferenceEngine, resolve_devi
 from service.images import ImageRejected
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimit, BodyTimeout, BodyTooLarge, RequestContext
+from service.network import block_geometry
 from service.settings import Settings
 from service.web import mount_static
 
@@ -40,6 +41,7 @@ class ServiceState:
     predict_batcher: DynamicBatcher[torch.Tensor, torch.Tensor] | None = None
     gradcam_batcher: DynamicBatcher[GradcamJob, GradcamRow] | None = None
     misclassified: list[dict] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)  # Grad-CAM targets and their geometry, for /health
     ready: bool = False
     draining: bool = False
 
@@ -90,6 +92,7 @@ def _lifespan(preloaded: Bundle | None):
             batcher.start()
         state.bundle, state.engine = bundle, engine
         state.misclassified = _load_misclassified(bundle)
+        state.layers = [vars(row) for row in block_geometry(engine.model)]
         state.metrics.model.info(
             {
                 "name": str(bundle.metadata.get("name", "")),

@@ -15,7 +15,6 @@ from service.app import ServiceState
 from service.batcher import BatchFailed, DynamicBatcher, QueueFull, ShuttingDown
 from service.engine import GradcamJob
 from service.gradcam import overlay, png_base64, png_bytes
-from service.network import block_geometry
 from service.schemas import (
     ErrorResponse,
     GradcamResponse,
@@ -222,7 +221,7 @@ async def health(state: State) -> dict[str, Any]:
             "dataset": meta.get("dataset"),
         },
         "gradcam": {
-            "layers": [vars(row) for row in block_geometry(engine.model)],
+            "layers": state.layers,
             "default_layer": meta.get("gradcam", {}).get("default_layer", "layer2"),
         },
         "batching": {
