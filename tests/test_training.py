@@ -170,6 +170,7 @@ def test_checkpoint_and_bundle_give_the_same_predictions(trained_checkpoint, tin
         assert (bundle_path / entry["file"]).is_file()
         assert entry["true_label"] != entry["predicted_label"]
     assert meta["gradcam"]["default_layer"] == "layer2"
+    assert meta["recipe"]["precision"] == "32-true"  # what the run used, read from its checkpoint
     assert "bf16" in meta["precision_agreement"]
 
 

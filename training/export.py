@@ -81,7 +81,6 @@ def export_bundle(
     misclassified: int = 40,
     name: str = "cifar10-resnet",
 ) -> Path:
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     module = CifarResNetModule.load_from_checkpoint(checkpoint, map_location="cpu")
     hp = module.hparams
     data_dir = data_dir or hp.data_dir
@@ -104,7 +103,7 @@ def export_bundle(
     labels = cifar.test.labels
     confusion = multiclass_confusion_matrix(test_logits.argmax(1), labels, num_classes=len(classes))
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1)).tolist()
-    extra = ckpt.get("camserve", {})
+    extra = module.provenance
     metadata = {
         "name": name,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -120,7 +119,7 @@ def export_bundle(
         "per_class_accuracy": {c: round(a, 4) for c, a in zip(classes, per_class, strict=True)},
         "confusion_matrix": confusion.tolist(),
         "precision_agreement": agreement,
-        "trained_epochs": int(extra.get("trained_epochs", ckpt["epoch"] + 1)),
+        "trained_epochs": int(extra["trained_epochs"]),
         "training_seconds": round(float(extra.get("train_seconds", 0.0)), 1),
         "hardware": extra.get("hardware", "unknown"),
         "dataset": {"source": hp.source, "location": str(data_dir), "train_images": len(cifar.train) - hp.val_size},
@@ -135,7 +134,7 @@ def export_bundle(
             "schedule": f"one-cycle, linear warm-up over {hp.warmup_fraction:.0%} then linear to 0",
             "label_smoothing": hp.label_smoothing,
             "augmentation": f"reflect-pad {hp.crop_padding} crop, horizontal flip, cutout {hp.cutout_size}",
-            "precision": str(ckpt.get("hyper_parameters", {}).get("precision", "bf16-mixed autocast")),
+            "precision": extra.get("precision", "unknown"),
         },
         "gradcam": {
             "default_layer": DEFAULT_GRADCAM_LAYER,

@@ -78,6 +78,7 @@ class CifarResNetModule(L.LightningModule):
         self.classes: list[str] = []
         self.train_seconds = 0.0  # wall time of fit, summed over resumed runs; saved in checkpoints
         self._fit_started: float | None = None
+        self.provenance: dict[str, Any] = {}  # what the last loaded checkpoint said about its training
 
     # -- model ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,9 +171,11 @@ class CifarResNetModule(L.LightningModule):
             "train_seconds": self._elapsed_train_seconds(),
             "trained_epochs": int(checkpoint.get("epoch", -1)) + 1,
             "hardware": hardware_description(),
+            "precision": str(self.trainer.precision),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("camserve", {})
+        self.provenance = dict(extra)
         self.classes = list(extra.get("classes", []))
         self.train_seconds = float(extra.get("train_seconds", 0.0))
