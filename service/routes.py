@@ -92,7 +92,7 @@ async def _run(state: ServiceState, batcher: DynamicBatcher, payloads: list) -> 
 async def _images(request: Request, state: ServiceState) -> tuple[list[str], list[torch.Tensor]]:
     settings = state.settings
     files = await read_uploads(request, max_files=settings.max_files, max_bytes=settings.max_upload_bytes)
-    images = await decode_uploads(files, max_pixels=settings.max_image_pixels)
+    images = await decode_uploads(files, max_pixels=settings.max_image_pixels, max_frames=settings.max_image_frames)
     request.state.images = len(images)
     return [name for name, _ in files], images
 

@@ -11,6 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The shipped bundle, next to the packages in a checkout and baked into the container image.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "cifar10-resnet"
 
+# Also decode_image's default, for callers without settings (the benchmarks).
+DEFAULT_MAX_IMAGE_FRAMES = 1000
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -34,6 +37,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(15.0, gt=0, description="a body not fully received by then gets 408")
     max_files: int = Field(64, ge=1, description="images per request")
     max_image_pixels: int = Field(25_000_000, ge=1024, description="per image, checked before decoding")
+    max_image_frames: int = Field(
+        DEFAULT_MAX_IMAGE_FRAMES, ge=1, description="frames per animated image, checked before decoding"
+    )
 
     api_key: SecretStr | None = None
     cors_origins: list[str] = []

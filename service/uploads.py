@@ -59,11 +59,13 @@ async def read_uploads(request: Request, *, max_files: int, max_bytes: int) -> l
         await form.close()
 
 
-async def decode_uploads(files: list[tuple[str, bytes]], *, max_pixels: int) -> list[torch.Tensor]:
+async def decode_uploads(files: list[tuple[str, bytes]], *, max_pixels: int, max_frames: int) -> list[torch.Tensor]:
     images = []
     for name, data in files:
         if len(data) <= INLINE_DECODE_BYTES:
-            images.append(decode_image(data, name, max_pixels=max_pixels))
+            images.append(decode_image(data, name, max_pixels=max_pixels, max_frames=max_frames))
         else:
-            images.append(await run_in_threadpool(decode_image, data, name, max_pixels=max_pixels))
+            images.append(
+                await run_in_threadpool(decode_image, data, name, max_pixels=max_pixels, max_frames=max_frames)
+            )
     return images

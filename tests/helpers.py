@@ -29,6 +29,19 @@ def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     return buffer.getvalue()
 
 
+def animation(count: int, fmt: str = "GIF", seed: int = 0) -> tuple[bytes, Image.Image]:
+    """``count`` distinct 16x16 noise frames as an animated GIF, WebP (lossless) or APNG, and frame 0.
+
+    Frame 0 decodes to exactly the returned RGB image in all three formats, so what the service
+    answers for the animation can be checked against frame 0 alone.
+    """
+    rng = np.random.default_rng(seed)
+    frames = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).convert("P") for _ in range(count)]
+    extra = {"lossless": True} if fmt == "WEBP" else {}
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=10, **extra)
+    return data, frames[0].convert("RGB")
+
+
 def make_image_folder(root: Path, classes: list[str] = CLASSES, train_per_class: int = 6, test_per_class: int = 3):
     """``train/<class>/*.jpg`` and ``test/<class>/*.jpg``; each class a distinct mean colour plus noise."""
     rng = np.random.default_rng(0)

@@ -12,9 +12,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import CLASSES, encode, random_image
+from helpers import CLASSES, animation, encode, random_image
 from PIL import Image
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from service.app import create_app
 from service.settings import Settings
@@ -29,6 +29,7 @@ def settings(bundle_dir: Path) -> Settings:
         max_files=8,
         max_upload_bytes=2_000_000,
         max_image_pixels=1_000_000,
+        max_image_frames=8,
         queue_size=64,
         log_requests=False,
     )
@@ -172,6 +173,9 @@ async def test_exif_orientation_is_honoured():
         (("cut.png", png(9)[:60]), 400, "cut.png: corrupt"),
         (("scan.tiff", encode(random_image(0), "TIFF")), 415, "scan.tiff: unsupported image type TIFF"),
         (("huge.png", encode(Image.new("L", (2000, 1000)))), 413, "huge.png: 2000x1000 pixels exceeds"),
+        (("reel.gif", animation(9)[0]), 413, "reel.gif: too many frames: at most 8 per image"),
+        (("reel.webp", animation(9, "WEBP")[0]), 413, "reel.webp: too many frames: at most 8 per image"),
+        (("reel.png", animation(9, "PNG")[0]), 413, "reel.png: too many frames: at most 8 per image"),
     ],
 )
 async def test_bad_uploads_get_clear_4xx(client, payload, status, words):
@@ -212,6 +216,56 @@ async def test_decompression_bomb_is_refused_before_decoding(client):
     assert len(bomb) < 200_000
     response = await client.post("/predict", files=files(("bomb.png", bomb)))
     assert response.status_code == 413 and "bomb.png" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+async def test_animation_within_the_frame_cap_is_answered_from_its_first_frame(client, app, settings, fmt):
+    data, first = animation(settings.max_image_frames, fmt)
+    response = await client.post("/predict?top_k=10", files=files((f"reel.{fmt.lower()}", data)))
+    assert response.status_code == 200, response.text
+    reference = single_image_probabilities(app, encode(first))
+    for entry in response.json()["predictions"][0]["top_k"]:
+        assert entry["probability"] == pytest.approx(reference[entry["index"]].item(), abs=1e-5)
+    assert (await client.get("/health")).status_code == 200
+
+
+def test_decode_image_frame_cap():
+    from service.images import ImageRejected, decode_image
+
+    data, first = animation(5)
+    with pytest.raises(ImageRejected) as refused:
+        decode_image(data, "reel.gif", max_pixels=10_000, max_frames=4)
+    assert refused.value.status_code == 413 and str(refused.value) == "reel.gif: too many frames: at most 4 per image"
+    decoded = decode_image(data, "reel.gif", max_pixels=10_000, max_frames=5)
+    assert torch.equal(decoded, decode_image(encode(first), "first.png", max_pixels=10_000, max_frames=1))
+    still = encode(random_image(0).convert("P"), "GIF")
+    assert decode_image(still, "still.gif", max_pixels=10_000, max_frames=1).shape == (3, 32, 32)
+
+
+def test_gif_frame_count_matches_pillow_and_stops_at_the_limit():
+    from service.images import decode_image, gif_frames
+
+    for count in (1, 2, 7, 40):
+        data, _ = animation(count, seed=count)
+        with Image.open(io.BytesIO(data)) as image:
+            assert gif_frames(data, 1000) == image.n_frames == count
+        assert gif_frames(data, 5) == min(count, 6)
+    # Cut off or noise: counts what arrived and never raises (Pillow's n_frames raises IndexError on a
+    # GIF cut inside a later frame, whose frame 0 decodes fine)
+    data, first = animation(3)
+    assert gif_frames(data[:-300], 1000) == 3
+    decoded = decode_image(data[:-300], "cut.gif", max_pixels=10_000, max_frames=3)
+    assert torch.equal(decoded, decode_image(encode(first), "first.png", max_pixels=10_000))
+    assert gif_frames(b"GIF89a" + bytes(range(256)) * 4, 1000) == 0
+    assert gif_frames(b"GIF8", 1000) == 0
+
+
+def test_frame_cap_setting(monkeypatch):
+    monkeypatch.setenv("CAMSERVE_MAX_IMAGE_FRAMES", "12")
+    assert Settings().max_image_frames == 12
+    monkeypatch.setenv("CAMSERVE_MAX_IMAGE_FRAMES", "0")
+    with pytest.raises(ValidationError):
+        Settings()
 
 
 # -- batching -----------------------------------------------------------------------------------------
