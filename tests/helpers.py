@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,18 @@ def make_bundle(path: Path, seed: int = 0, misclassified: int = 6) -> Path:
         "misclassified": entries,
     }
     return write_bundle(path, model, metadata)
+
+
+def real_test_slice(archive: Path, per_class: int) -> list[tuple[str, bytes, str]]:
+    """The first ``per_class`` test JPEGs of each class in the archive: (filename, bytes, label)."""
+    picked: dict[str, list[tuple[str, bytes, str]]] = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if member.isfile() and len(parts) >= 3 and parts[-3] == "test":
+                rows = picked.setdefault(parts[-2], [])
+                if len(rows) < per_class:
+                    rows.append((parts[-1], tar.extractfile(member).read(), parts[-2]))
+            if len(picked) == 10 and all(len(r) == per_class for r in picked.values()):
+                break
+    return [row for rows in picked.values() for row in rows]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import io
 import signal
-import tarfile
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from conftest import SHIPPED_BUNDLE, shared_cifar_archive
-from helpers import encode, random_image
+from helpers import encode, random_image, real_test_slice
 from PIL import Image
 from serving import running_server
 
@@ -67,27 +66,13 @@ def test_concurrent_clients_over_real_http(server, bundle_dir):
             assert torch.allclose(served, reference[start + j], atol=1e-4)
 
 
-def _real_test_slice(archive: Path, per_class: int) -> list[tuple[str, bytes, str]]:
-    picked: dict[str, list[tuple[str, bytes, str]]] = {}
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if member.isfile() and len(parts) >= 3 and parts[-3] == "test":
-                rows = picked.setdefault(parts[-2], [])
-                if len(rows) < per_class:
-                    rows.append((parts[-1], tar.extractfile(member).read(), parts[-2]))
-            if len(picked) == 10 and all(len(r) == per_class for r in picked.values()):
-                break
-    return [row for rows in picked.values() for row in rows]
-
-
 def test_served_predictions_reproduce_the_bundle_on_real_test_images(server, bundle_dir):
     archive = shared_cifar_archive()
     if archive is None:
         pytest.skip("the CIFAR-10 archive is not on this machine")
     base, _ = server
     model_dir = _model_dir(bundle_dir)
-    rows = _real_test_slice(archive, per_class=20)
+    rows = real_test_slice(archive, per_class=20)
     reference = _reference_probabilities(model_dir, [data for _, data, _ in rows]).argmax(1)
     classes = load_bundle(model_dir).classes
     served = []

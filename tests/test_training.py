@@ -1,6 +1,7 @@
 """The Lightning job on tiny generated data: sources, schedule, loss, smoke run, checkpoint parity."""
 
 import itertools
+import json
 import tarfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from service.bundle import load_bundle
 from service.transforms import Normalize
 from training import data
-from training.augment import TrainTransform, cutout, random_crop
+from training.augment import TrainTransform, cutmix, cutout, random_crop
 from training.export import export_bundle, predict_logits
 from training.module import CifarResNetModule, smoothed_nll_loss
 from training.schedule import custom_one_cycle_lr
@@ -99,6 +100,22 @@ def test_batch_augmentation_shapes_and_effects():
     holes = cutout(torch.ones(16, 3, 32, 32), 8)
     zeroed = (holes == 0).all(1).flatten(1).sum(1)
     assert (zeroed > 0).all() and (zeroed <= 64).all()
+
+
+def test_cutmix_pastes_one_box_from_the_images_whose_labels_it_returns():
+    torch.manual_seed(3)
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 3, 32, 32).clone()
+    y = torch.arange(8)
+    for _ in range(20):
+        mixed, pasted_labels, kept = cutmix(x, y)
+        for i in range(8):
+            if pasted_labels[i] == i:  # the shuffle left this image in place: nothing changed
+                assert torch.equal(mixed[i], x[i])
+                continue
+            own = (mixed[i] == i).float().mean().item()
+            assert own == pytest.approx(kept)  # the loss weight is the area really kept
+            other = mixed[i][mixed[i] != i]
+            assert (other == pasted_labels[i].float()).all()  # the box came from the labelled image
 
 
 def _module(tiny_folder: Path, cache_dir: Path, **kwargs) -> CifarResNetModule:
@@ -217,3 +234,35 @@ def test_cli_test_and_export_commands(trained_checkpoint, cache_dir, tmp_path, c
         ["export", str(last), "--cache-dir", str(cache_dir), "--out", str(tmp_path / "bundle"), "--misclassified", "3"]
     )
     assert load_bundle(tmp_path / "bundle").metadata["trained_epochs"] == 2
+
+
+def test_sweep_sizes_runs_to_its_budget_and_keeps_the_best_by_validation(tiny_folder, cache_dir, tmp_path):
+    from training.sweep import main as sweep
+
+    root = tmp_path / "sweep"
+    common = "--batch-size 16 --val-size 10 --precision 32-true --lr 0.05"
+    sweep(
+        [
+            *("--data-dir", str(tiny_folder), "--cache-dir", str(cache_dir), "--run-root", str(root)),
+            *("--budget-s", "240", "--calibration-epochs", "2", "--max-epochs", "2", "--common", common),
+            *("--variant", "plain=", "--variant", "mixed=--cutmix 1.0 --cutout-size 0"),
+        ]
+    )
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["seconds_per_epoch_calibrated"] > 0
+    runs = {v["name"]: v for v in summary["variants"]}
+    assert set(runs) == {"plain", "mixed"} and all(v["returncode"] == 0 for v in runs.values())
+    best = max(runs.values(), key=lambda v: v["metrics"]["val_acc"])
+    assert summary["best"] == best["name"]
+    assert 0.0 <= best["metrics"]["test_acc"] <= 1.0
+
+    slim = torch.load(root / "best.ckpt", map_location="cpu", weights_only=False)
+    assert "optimizer_states" not in slim and slim["camserve"]["trained_epochs"] == 2
+    restored = CifarResNetModule.load_from_checkpoint(root / "best.ckpt", map_location="cpu").eval()
+    full = CifarResNetModule.load_from_checkpoint(
+        root / best["name"] / "checkpoints" / "last.ckpt", map_location="cpu"
+    ).eval()
+    assert restored.hparams.cutmix == full.hparams.cutmix
+    images = data.load("folder", tiny_folder, cache_dir).test.images
+    with torch.no_grad():
+        assert torch.equal(restored(restored.test_transform(images)), full(full.test_transform(images)))

@@ -48,6 +48,25 @@ def cutout(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.masked_fill(mask.unsqueeze(1), 0.0)
 
 
+def cutmix(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CutMix (Yun et al., 2019): paste one random box from a shuffled copy of the batch.
+
+    Returns the mixed batch, the labels of the pasted images and the fraction of each image that is
+    still its own, which weights the two losses. One box for the whole batch, as in the paper's code.
+    """
+    n, _, h, w = x.shape
+    kept = float(torch.rand(()))  # lambda ~ Beta(1, 1)
+    cut_h, cut_w = int(h * (1 - kept) ** 0.5), int(w * (1 - kept) ** 0.5)
+    cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    perm = torch.randperm(n, device=x.device)
+    mixed = x.clone()
+    mixed[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]
+    kept = 1.0 - (bottom - top) * (right - left) / (h * w)  # the box was clipped at the border
+    return mixed, y[perm], kept
+
+
 class TrainTransform(nn.Module):
     """uint8 batch -> normalised, augmented float batch in channels_last."""
 

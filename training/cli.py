@@ -25,7 +25,12 @@ def default_precision() -> str:
 
 
 def build_trainer(
-    run_dir: Path, epochs: int, precision: str, fast_dev_run: bool = False, progress_bar: bool = True
+    run_dir: Path,
+    epochs: int,
+    precision: str,
+    fast_dev_run: bool = False,
+    progress_bar: bool = True,
+    keep_checkpoints: int = -1,
 ) -> L.Trainer:
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -33,7 +38,11 @@ def build_trainer(
         auto_insert_metric_name=False,
         save_last=True,  # last.ckpt: what `fit` resumes from after an interruption
         enable_version_counter=False,  # always overwrite last.ckpt, never write last-v1.ckpt
-        save_top_k=-1,
+        # -1: one per epoch; k: the k best by val_acc; 0: only the newest. (Lightning refreshes
+        # last.ckpt only when it saves another checkpoint, so "none" would mean no resumable state.)
+        save_top_k=keep_checkpoints if keep_checkpoints != 0 else 1,
+        monitor=None if keep_checkpoints in (-1, 0) else "val_acc",
+        mode="max",
         every_n_epochs=1,
     )
     return L.Trainer(
@@ -48,6 +57,7 @@ def build_trainer(
         enable_progress_bar=progress_bar,
         fast_dev_run=fast_dev_run,
         log_every_n_steps=10,
+        benchmark=torch.cuda.is_available(),  # fixed shapes: let cuDNN pick its fastest kernels
     )
 
 
@@ -63,11 +73,16 @@ def cmd_fit(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         label_smoothing=args.label_smoothing,
         warmup_fraction=args.warmup_fraction,
+        weight_decay=args.weight_decay,
+        cutout_size=args.cutout_size,
+        cutmix=args.cutmix,
         val_size=args.val_size,
         seed=args.seed,
         cache_dir=args.cache_dir,
     )
-    trainer = build_trainer(run_dir, args.epochs, args.precision, fast_dev_run=args.fast_dev_run)
+    trainer = build_trainer(
+        run_dir, args.epochs, args.precision, fast_dev_run=args.fast_dev_run, keep_checkpoints=args.keep_checkpoints
+    )
     resume = str(last) if last.is_file() and not args.fast_dev_run else None
     if resume:
         log.warning("resuming from %s", resume)
@@ -114,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=512)
     fit.add_argument("--label-smoothing", type=float, default=0.2)
     fit.add_argument("--warmup-fraction", type=float, default=0.2)
+    fit.add_argument("--weight-decay", type=float, default=5e-4, help="on weights only, not on BatchNorm")
+    fit.add_argument("--cutout-size", type=int, default=8, help="side of the cutout square; 0 turns it off")
+    fit.add_argument("--cutmix", type=float, default=0.0, help="fraction of batches given CutMix (0: none)")
+    fit.add_argument(
+        "--keep-checkpoints", type=int, default=-1, help="-1: every epoch; k: the k best by val_acc; 0: the newest only"
+    )
     fit.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--precision", default=default_precision())

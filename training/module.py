@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from service.network import build_network
 from service.transforms import CIFAR10_MEAN, CIFAR10_STD, Normalize
 from training import data
-from training.augment import TrainTransform
+from training.augment import TrainTransform, cutmix
 from training.schedule import custom_one_cycle_lr
 
 
@@ -63,6 +63,7 @@ class CifarResNetModule(L.LightningModule):
         seed: int = 0,
         crop_padding: int = 4,
         cutout_size: int = 8,
+        cutmix: float = 0.0,
         num_classes: int = 10,
         cache_dir: str | None = None,
     ) -> None:
@@ -78,6 +79,7 @@ class CifarResNetModule(L.LightningModule):
         self.classes: list[str] = []
         self.train_seconds = 0.0  # wall time of fit, summed over resumed runs; saved in checkpoints
         self._fit_started: float | None = None
+        self._last_epoch_end: float | None = None
         self.provenance: dict[str, Any] = {}  # what the last loaded checkpoint said about its training
 
     # -- model ---------------------------------------------------------------------------------
@@ -86,8 +88,16 @@ class CifarResNetModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        log_probs = self(x)
-        loss = smoothed_nll_loss(log_probs, y, self.hparams.label_smoothing)
+        smoothing = self.hparams.label_smoothing
+        if self.hparams.cutmix > 0 and torch.rand(()).item() < self.hparams.cutmix:
+            x, y_pasted, kept = cutmix(x, y)
+            log_probs = self(x)
+            loss = kept * smoothed_nll_loss(log_probs, y, smoothing) + (1 - kept) * smoothed_nll_loss(
+                log_probs, y_pasted, smoothing
+            )
+        else:
+            log_probs = self(x)
+            loss = smoothed_nll_loss(log_probs, y, smoothing)
         self.train_acc(log_probs, y)
         self.log("train_loss", loss, prog_bar=True)
         self.log("train_acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
@@ -155,6 +165,15 @@ class CifarResNetModule(L.LightningModule):
     # -- provenance ----------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        # Wall time per epoch (training, validation, checkpointing) in the CSV log: how a sweep sizes
+        # its runs to a time budget, and what a user compares across machines.
+        now = time.perf_counter()
+        previous = self._last_epoch_end or self._fit_started
+        self._last_epoch_end = now
+        if previous is not None:
+            self.log("epoch_seconds", now - previous)
 
     def on_fit_end(self) -> None:
         self.train_seconds = self._elapsed_train_seconds()
