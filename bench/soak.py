@@ -6,7 +6,10 @@ free loopback port (with the tests' launcher, so there is one way to start the s
 resident memory (``VmRSS``) throughout. Per window it records requests, answered rate, 503s,
 errors, latency percentiles, and RSS before, after and at peak; then writes
 ``<out>/soak.json`` and ``<out>/soak.md``. A leak shows as RSS climbing window after window, a
-queue that never drains as p99 climbing; a steady service shows neither.
+queue that never drains as p99 climbing; a steady service shows neither. To tell a server that
+slows down from a machine that does, each window also records what the server's own metrics say
+(mean images per batch, model time per batch, queue wait per image) and the CPU time the server
+used against the CPU time everything else on the machine used (the load generator included).
 
     .venv/bin/python bench/soak.py                        # 10 minutes at 40 requests/s
     .venv/bin/python bench/soak.py --minutes 0.2 --out /tmp/soak   # smoke: a 12 s window
@@ -56,6 +59,41 @@ class Window:
     rss_mb_before: float
     rss_mb_after: float
     rss_mb_peak: float
+    server: dict[str, float | None]  # batch_size, model_ms (per batch), queue_wait_ms (per image), from /metrics
+    cpu_s: dict[str, float]  # server, other (everything else on the machine), steal
+
+
+def server_counters(base: str) -> dict[str, float]:
+    """Sums and counts of the /predict batch histograms, read with prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {"camserve_batch_size", "camserve_inference_seconds", "camserve_queue_wait_seconds"}
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=10).text):
+        if family.name not in wanted:
+            continue
+        for sample in family.samples:
+            if sample.labels.get("endpoint") == "/predict" and sample.name.endswith(("_sum", "_count")):
+                totals[sample.name] = sample.value
+    return totals
+
+
+def per_batch(before: dict[str, float], after: dict[str, float], metric: str, scale: float = 1.0) -> float | None:
+    count = after.get(f"{metric}_count", 0.0) - before.get(f"{metric}_count", 0.0)
+    total = after.get(f"{metric}_sum", 0.0) - before.get(f"{metric}_sum", 0.0)
+    return round(scale * total / count, 2) if count else None
+
+
+def cpu_seconds(pid: int) -> tuple[float, float, float]:
+    """(this process's CPU s, the whole machine's busy CPU s, steal s) since boot, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    process = (int(fields[11]) + int(fields[12])) / tick  # utime + stime, all threads
+    cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = cpu[3] + cpu[4]  # idle + iowait
+    steal = cpu[7] if len(cpu) > 7 else 0
+    busy = sum(cpu[:8]) - idle - steal
+    return process, busy / tick, steal / tick
 
 
 # -- the server's memory ----------------------------------------------------------------------------
@@ -174,9 +212,13 @@ def soak_window(
     index: int, hey: str, url: str, body: Path, pid: int, sampler: RssSampler, args: argparse.Namespace
 ) -> Window:
     seconds = max(1.0, min(args.window_s, args.minutes * 60 - index * args.window_s))
+    base = url.rsplit("/", 1)[0]
+    counters_before, cpu_before = server_counters(base), cpu_seconds(pid)
     before, started = rss_mb(pid), time.monotonic()
     parsed = parse_hey(run_hey(hey, url, body, seconds=seconds, rate=args.rate, workers=args.workers))
     ended, after = time.monotonic(), rss_mb(pid)
+    counters_after, cpu_after = server_counters(base), cpu_seconds(pid)
+    server_cpu, busy_cpu, steal = (b - a for a, b in zip(cpu_before, cpu_after, strict=True))
     statuses = parsed["statuses"]
     answered = sum(statuses.values())
     other = sum(n for code, n in statuses.items() if code not in ("200", "503"))
@@ -192,6 +234,12 @@ def soak_window(
         rss_mb_before=round(before, 1),
         rss_mb_after=round(after, 1),
         rss_mb_peak=round(max(sampler.peak(started, ended), after), 1),
+        server={
+            "batch_size": per_batch(counters_before, counters_after, "camserve_batch_size"),
+            "model_ms": per_batch(counters_before, counters_after, "camserve_inference_seconds", 1000),
+            "queue_wait_ms": per_batch(counters_before, counters_after, "camserve_queue_wait_seconds", 1000),
+        },
+        cpu_s={"server": round(server_cpu, 1), "other": round(busy_cpu - server_cpu, 1), "steal": round(steal, 1)},
     )
 
 
@@ -230,17 +278,28 @@ def markdown(report: dict) -> str:
         f"{totals['p99_ms'].get('max')} ms.",
         "",
         "| window | s | requests | answered/s | 503 | errors | p50 ms | p90 ms | p99 ms | slowest ms | "
-        "RSS before MiB | RSS after MiB | RSS peak MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "RSS before MiB | RSS after MiB | RSS peak MiB | images/batch | model ms/batch | queue wait ms | "
+        "server CPU s | other CPU s | steal s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in report["windows"]:
         latency = w["latency_ms"]
         lines.append(
             f"| {w['index']} | {w['seconds']} | {w['requests']} | {w['rate']} | {w['rejected']} | {w['errors']} | "
             f"{latency['p50']} | {latency['p90']} | {latency['p99']} | {latency['slowest']} | "
-            f"{w['rss_mb_before']} | {w['rss_mb_after']} | {w['rss_mb_peak']} |"
+            f"{w['rss_mb_before']} | {w['rss_mb_after']} | {w['rss_mb_peak']} | "
+            f"{w['server']['batch_size']} | {w['server']['model_ms']} | {w['server']['queue_wait_ms']} | "
+            f"{w['cpu_s']['server']} | {w['cpu_s']['other']} | {w['cpu_s']['steal']} |"
         )
-    lines += ["", f"Rejections by reason (server metrics): {report['rejections_by_reason'] or 'none'}", ""]
+    lines += [
+        "",
+        "images/batch, model ms/batch and queue wait ms are the server's own /predict histograms over the"
+        " window; server CPU s is the server process's CPU time, other CPU s everything else on the machine"
+        " (hey included), steal s the time the hypervisor gave to other guests.",
+        "",
+        f"Rejections by reason (server metrics): {report['rejections_by_reason'] or 'none'}",
+        "",
+    ]
     return "\n".join(lines)
 
 
