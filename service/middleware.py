@@ -93,7 +93,7 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
             await _json_error(send, 413, f"request body of {declared} bytes exceeds the limit of {self.max_bytes}")
             return
         received = 0
