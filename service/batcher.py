@@ -6,7 +6,13 @@ The loop follows LitServe's and Ray Serve's shape with BentoML's adaptive wait:
 * while a batch runs, arrivals pile up and form the next, larger batch;
 * it waits for more only when arrivals are dense (recent gaps shorter than ``max_wait``), and then
   only until the batch is full, ``max_wait`` has passed, or the stream pauses;
-* the model runs in one dedicated thread, off the event loop, which keeps parsing requests;
+* the model runs on dedicated threads ("lanes", the executor's workers), off the event loop, which
+  keeps parsing requests; with ``lanes`` > 1 that many batches run at once (see
+  :func:`service.app.parallelism` for why a 2-core CPU wants two single-threaded lanes);
+* back to back: when a batch ends and more images are queued, its model thread takes them and runs
+  them at once, without a round trip through the event loop (which, busy with HTTP, answered the
+  hand-off several milliseconds late, during which the model sat idle); it hands the thread back
+  after each batch if other work (the other endpoint's batcher) is waiting for it;
 * each image carries its own future: callers get their own rows back, in order, however their
   images were split across batches; a caller that gave up (timeout, disconnect) has its rows
   dropped before the batch is formed.
@@ -17,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -69,6 +77,7 @@ class DynamicBatcher(Generic[Payload, Result]):
         max_wait_ms: float,
         queue_size: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        lanes: int = 1,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -77,44 +86,52 @@ class DynamicBatcher(Generic[Payload, Result]):
         self.max_wait_s = max_wait_ms / 1000.0
         self.queue_size = queue_size
         self._on_batch = on_batch
-        self._queue: asyncio.Queue[_Item[Payload]] = asyncio.Queue()
-        self._worker: asyncio.Task | None = None
+        self.lanes = lanes
+        # Appended to on the event loop; taken from by the worker tasks, and by the model threads while
+        # they run batches back to back. deque's append and popleft are thread-safe.
+        self._queue: deque[_Item[Payload]] = deque()
+        self._arrived = asyncio.Event()
+        self._workers: list[asyncio.Task] = []  # one per lane
         self._accepting = False
-        self._running = 0  # images in the batch now on the model thread
+        self._stopping = False  # read by the model threads: take no further batches
+        self._running = 0  # lanes now running this batcher's batches
+        self._current: dict[int, list[_Item[Payload]]] = {}  # model thread id -> the batch it runs now
         self._gap_ewma_s = float("inf")  # smoothed time between arrivals
         self._last_arrival = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._accepting = True
-        self._worker = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+        loop = asyncio.get_running_loop()
+        self._workers = [loop.create_task(self._loop(), name=f"batcher-{self.name}-{i}") for i in range(self.lanes)]
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
-        """Refuse new work, finish everything already accepted, then stop the worker."""
+        """Refuse new work, finish everything already accepted, then stop the workers."""
         self._accepting = False
         deadline = time.perf_counter() + drain_timeout_s
-        while (self._queue.qsize() or self._running) and time.perf_counter() < deadline:
+        while (self._queue or self._running) and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
-        if self._worker is not None:
-            self._worker.cancel()
+        self._stopping = True
+        for worker in self._workers:
+            worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        while not self._queue.empty():  # only after a drain timeout
-            item = self._queue.get_nowait()
+                await worker
+        while self._queue:  # only after a drain timeout
+            item = self._queue.popleft()
             if not item.future.done():
                 item.future.set_exception(ShuttingDown("service stopped before this image ran"))
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     # -- submitting ------------------------------------------------------------------------------
     async def submit(self, payloads: Sequence[Payload], timeout_s: float) -> list[Result]:
         """Queue all images of one request (all or none) and wait for their rows, in order."""
         if not self._accepting:
             raise ShuttingDown("service is shutting down")
-        if self._queue.qsize() + len(payloads) > self.queue_size:
-            raise QueueFull(f"{self.name} queue is full ({self._queue.qsize()} of {self.queue_size} images)")
+        if len(self._queue) + len(payloads) > self.queue_size:
+            raise QueueFull(f"{self.name} queue is full ({len(self._queue)} of {self.queue_size} images)")
         loop = asyncio.get_running_loop()
         items = [_Item(payload, loop.create_future()) for payload in payloads]
         now = time.perf_counter()
@@ -122,8 +139,8 @@ class DynamicBatcher(Generic[Payload, Result]):
             gap = now - self._last_arrival
             self._gap_ewma_s = gap if self._gap_ewma_s == float("inf") else 0.8 * self._gap_ewma_s + 0.2 * gap
         self._last_arrival = now
-        for item in items:
-            self._queue.put_nowait(item)
+        self._queue.extend(items)
+        self._arrived.set()
         try:
             async with asyncio.timeout(timeout_s):
                 return list(await asyncio.gather(*(item.future for item in items)))
@@ -134,11 +151,26 @@ class DynamicBatcher(Generic[Payload, Result]):
 
     # -- the worker ------------------------------------------------------------------------------
     def _take_ready(self, batch: list[_Item[Payload]]) -> None:
-        while len(batch) < self.max_batch_size and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.popleft())
+            except IndexError:
+                return
+
+    async def _next_arrival(self, timeout_s: float | None = None) -> bool:
+        """Wait until something is queued; False if ``timeout_s`` passed first."""
+        while not self._queue:
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return bool(self._queue)
+        return True
 
     async def _collect(self) -> list[_Item[Payload]]:
-        batch = [await self._queue.get()]
+        await self._next_arrival()
+        batch: list[_Item[Payload]] = []
         self._take_ready(batch)
         if len(batch) < self.max_batch_size and self._gap_ewma_s < self.max_wait_s:
             # Dense arrivals: wait a little for more, but stop at the first pause in the stream.
@@ -146,12 +178,7 @@ class DynamicBatcher(Generic[Payload, Result]):
             pause = min(self.max_wait_s, 2.0 * self._gap_ewma_s)
             while len(batch) < self.max_batch_size:
                 left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(min(left, pause)):
-                        batch.append(await self._queue.get())
-                except TimeoutError:
+                if left <= 0 or not await self._next_arrival(min(left, pause)):
                     break
                 self._take_ready(batch)
         return batch
@@ -160,40 +187,73 @@ class DynamicBatcher(Generic[Payload, Result]):
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            live = [item for item in batch if not item.future.done()]
-            if not live:  # every caller gave up: nothing to run, but the drop is reported
-                if self._on_batch is not None:
-                    self._on_batch(BatchStats(size=0, queue_wait_s=[], run_s=0.0, dropped=len(batch)))
-                continue
-            started = time.perf_counter()
-            self._running = len(live)
+            self._running += 1
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, [i.payload for i in live])
-                if len(results) != len(live):
-                    raise RuntimeError(f"batch returned {len(results)} rows for {len(live)} images")
+                await loop.run_in_executor(self._executor, self._run_back_to_back, batch, loop)
             except asyncio.CancelledError:
-                for item in live:
+                for item in [i for items in self._current.values() for i in items]:
                     if not item.future.done():
                         item.future.set_exception(ShuttingDown("service stopped during this batch"))
                 raise
-            except Exception as exc:
-                log.exception("%s batch of %d failed", self.name, len(live))
-                error = BatchFailed(f"{type(exc).__name__}: {exc}")
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(error)
-                continue
             finally:
-                self._running = 0
-                if self._on_batch is not None:
-                    self._on_batch(
-                        BatchStats(
-                            size=len(live),
-                            queue_wait_s=[started - i.enqueued for i in live],
-                            run_s=time.perf_counter() - started,
-                            dropped=len(batch) - len(live),
-                        )
-                    )
+                self._running -= 1
+
+    def _executor_idle(self) -> bool:
+        """Nothing else waits for the model thread (a ThreadPoolExecutor's queue; other executors: assume so)."""
+        waiting = getattr(self._executor, "_work_queue", None)
+        return waiting is None or waiting.empty()
+
+    def _run_back_to_back(self, batch: list[_Item[Payload]], loop: asyncio.AbstractEventLoop) -> None:
+        """On the model thread: run ``batch``, then whatever queued meanwhile, until the queue is empty.
+
+        Results go back to the event loop with ``call_soon_threadsafe``; a caller that gave up is seen
+        through its future's ``done()`` (a plain read) and its rows are dropped.
+        """
+        while batch:
+            live = [item for item in batch if not item.future.done()]
+            self._current[threading.get_ident()] = live
+            stats = BatchStats(size=0, queue_wait_s=[], run_s=0.0, dropped=len(batch))
+            results: Sequence[Result] | None = None
+            error: BatchFailed | None = None
+            if live:
+                started = time.perf_counter()
+                try:
+                    results = self._run_batch([item.payload for item in live])
+                    if len(results) != len(live):
+                        raise RuntimeError(f"batch returned {len(results)} rows for {len(live)} images")
+                except Exception as exc:
+                    log.exception("%s batch of %d failed", self.name, len(live))
+                    error, results = BatchFailed(f"{type(exc).__name__}: {exc}"), None
+                stats = BatchStats(
+                    size=len(live),
+                    queue_wait_s=[started - item.enqueued for item in live],
+                    run_s=time.perf_counter() - started,
+                    dropped=len(batch) - len(live),
+                )
+            try:
+                loop.call_soon_threadsafe(self._deliver, live, results, error, stats)
+            except RuntimeError:  # the loop is closed: nobody is left to answer
+                return
+            if self._stopping or not self._executor_idle():
+                return
+            batch = []
+            self._take_ready(batch)
+
+    def _deliver(
+        self,
+        live: list[_Item[Payload]],
+        results: Sequence[Result] | None,
+        error: BatchFailed | None,
+        stats: BatchStats,
+    ) -> None:
+        """On the event loop: answer the callers still waiting, then report the batch."""
+        if results is not None:
             for item, result in zip(live, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(result)
+        else:
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(error or BatchFailed("batch failed"))
+        if self._on_batch is not None:
+            self._on_batch(stats)

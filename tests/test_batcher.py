@@ -123,3 +123,47 @@ async def test_stop_finishes_accepted_work_then_refuses(executor):
     assert [await p for p in pending] == [[2 * i] for i in range(6)]
     with pytest.raises(ShuttingDown):
         await batcher.submit([1], timeout_s=5)
+
+
+async def test_queued_batches_run_back_to_back_on_the_model_thread(executor):
+    """Once a batch ends, the model thread itself takes what queued meanwhile: no event-loop round trip."""
+    model = FakeModel()
+    model.gate.clear()
+    batcher, stats = make(model, executor, max_batch_size=1)
+    tasks = [asyncio.create_task(batcher.submit([i], timeout_s=5)) for i in range(4)]
+    await asyncio.sleep(0.05)  # [0] is on the model thread, held at the gate; [1], [2], [3] are queued
+    model.gate.set()
+    time.sleep(0.3)  # block the event loop: only the model thread can move the queue now
+    assert model.batches == [[0], [1], [2], [3]]
+    assert await asyncio.gather(*tasks) == [[0], [2], [4], [6]]
+    assert [s.size for s in stats] == [1, 1, 1, 1]
+    await batcher.stop()
+
+
+async def test_back_to_back_batches_leave_the_model_thread_to_another_batcher(executor):
+    """A batcher that always has work hands the shared model thread over between two of its batches."""
+    busy, other = FakeModel(delay_s=0.005), FakeModel()
+    flooded, _ = make(busy, executor, max_batch_size=1)
+    second, _ = make(other, executor)
+    flood = [asyncio.create_task(flooded.submit([i], timeout_s=10)) for i in range(60)]  # 0.3 s of batches
+    await asyncio.sleep(0.02)
+    started = time.perf_counter()
+    assert await second.submit([5], timeout_s=5) == [10]
+    assert time.perf_counter() - started < 0.15  # between two batches, not after all 60
+    assert await asyncio.gather(*flood) == [[2 * i] for i in range(60)]
+    await flooded.stop()
+    await second.stop()
+
+
+async def test_two_lanes_run_two_batches_at_once():
+    both_inside = threading.Barrier(2, timeout=5)  # passes only when two batches are in the model together
+
+    def model(xs: list[int]) -> list[int]:
+        both_inside.wait()
+        return [2 * x for x in xs]
+
+    with ThreadPoolExecutor(2) as pool:
+        batcher = DynamicBatcher("test", model, executor=pool, max_batch_size=1, max_wait_ms=0.0, queue_size=8, lanes=2)
+        batcher.start()
+        assert await asyncio.gather(batcher.submit([1], 5), batcher.submit([2], 5)) == [[2], [4]]
+        await batcher.stop()
