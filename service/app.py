@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -42,8 +43,28 @@ class ServiceState:
     gradcam_batcher: DynamicBatcher[GradcamJob, GradcamRow] | None = None
     misclassified: list[dict] = field(default_factory=list)
     layers: list[dict] = field(default_factory=list)  # Grad-CAM targets and their geometry, for /health
+    lanes: int = 1  # batches that can run at once, each on its own model thread
+    torch_threads: int = 1  # intra-op threads per batch
     ready: bool = False
     draining: bool = False
+
+
+def parallelism(settings: Settings, device: torch.device) -> tuple[int, int | None]:
+    """(model lanes, torch intra-op threads; None: torch's default) for this device.
+
+    On a CPU, two lanes of cores/2 intra-op threads each: two batches run at once, each
+    single-threaded on 2 cores, so no OpenMP barrier waits on a worker that the event loop preempted
+    (one lane of 2 threads left ~20% of both cores idle at c=32, measured in
+    bench/results/serve_tuning.md). On a GPU, one lane: its kernels queue on one stream anyway.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = settings.torch_threads
+    lanes = settings.model_lanes
+    if lanes is None:  # never more threads than cores: TORCH_THREADS=2 alone on 2 cores keeps one lane
+        lanes = max(1, min(2, cores // (threads or 1))) if device.type == "cpu" else 1
+    if threads is None and device.type == "cpu" and lanes > 1:
+        threads = max(1, cores // lanes)
+    return lanes, threads
 
 
 def _load_misclassified(bundle: Bundle) -> list[dict]:
@@ -60,19 +81,22 @@ def _lifespan(preloaded: Bundle | None):
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state: ServiceState = app.state.camserve
         settings = state.settings
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        device = resolve_device(settings.device)
+        lanes, threads = parallelism(settings, device)
+        if threads:
+            torch.set_num_threads(threads)
         bundle = preloaded or await run_in_threadpool(load_bundle, settings.model_dir)
-        # One model thread: batches never overlap, so two endpoints never fight over the cores.
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camserve-model")
+        # The model threads ("lanes"), shared by both endpoints: at most `lanes` batches at once.
+        executor = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="camserve-model")
         loop = asyncio.get_running_loop()
         engine = await loop.run_in_executor(
             executor,
             InferenceEngine,
             bundle,
-            resolve_device(settings.device),
+            device,
             settings.precision,
             settings.max_batch_size,
+            settings.trace,
         )
         await loop.run_in_executor(executor, engine.warm_up)
         common = {
@@ -80,6 +104,7 @@ def _lifespan(preloaded: Bundle | None):
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "queue_size": settings.queue_size,
+            "lanes": lanes,
         }
         state.predict_batcher = DynamicBatcher(
             "predict", engine.predict, on_batch=state.metrics.batch_observer("/predict"), **common
@@ -91,6 +116,7 @@ def _lifespan(preloaded: Bundle | None):
             state.metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.depth)
             batcher.start()
         state.bundle, state.engine = bundle, engine
+        state.lanes, state.torch_threads = lanes, torch.get_num_threads()
         state.misclassified = _load_misclassified(bundle)
         state.layers = [vars(row) for row in block_geometry(engine.model)]
         state.metrics.model.info(
@@ -103,12 +129,15 @@ def _lifespan(preloaded: Bundle | None):
         )
         state.ready = True
         log.info(
-            "serving %s (%s) on %s, precision %s: %s",
+            "serving %s (%s) on %s, precision %s: %s; %d model lane(s) of %d thread(s), trace %s",
             bundle.metadata.get("name"),
             bundle.version[:12],
             engine.device_name,
             engine.precision,
             engine.precision_reason,
+            lanes,
+            state.torch_threads,
+            engine.trace_reason,
         )
         try:
             yield

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,20 @@ log = logging.getLogger("camserve.engine")
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_AGREEMENT = 0.995  # top-1 agreement with fp32 on the test set a faster mode must keep
+
+
+class _Forward(torch.nn.Module):
+    """uint8 images -> float32 logits: normalisation, autocast and the network, as one module to trace."""
+
+    def __init__(self, normalize: torch.nn.Module, model: torch.nn.Module, device_type: str, dtype: torch.dtype | None):
+        super().__init__()
+        self.normalize, self.model = normalize, model
+        self.device_type, self.dtype = device_type, dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(images)
+        with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.model(x).float()
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,9 @@ def native_low_precision(device: torch.device) -> list[str]:
 
 
 class InferenceEngine:
-    def __init__(self, bundle: Bundle, device: torch.device, precision: str, batch_size: int) -> None:
+    def __init__(
+        self, bundle: Bundle, device: torch.device, precision: str, batch_size: int, trace: bool = True
+    ) -> None:
         self.bundle = bundle
         self.device = device
         self.model = bundle.model.to(device=device, memory_format=torch.channels_last).eval()
@@ -58,6 +75,7 @@ class InferenceEngine:
         self.batch_size = batch_size
         self.precision, self.precision_reason = self._choose_precision(precision)
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
+        self.traced, self.trace_reason = self._trace() if trace else (None, "off (CAMSERVE_TRACE=false)")
 
     @property
     def device_name(self) -> str:
@@ -105,6 +123,34 @@ class InferenceEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    # -- tracing ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _trace(self) -> tuple[torch.jit.ScriptModule | None, str]:
+        """/predict's forward as one TorchScript call, kept only if it matches eager mode bit for bit.
+
+        Eager mode takes the GIL back after every op (~40 per pass); while the event loop holds it,
+        the model thread and torch's intra-op workers sit idle. A traced module runs the whole pass in
+        C++ with the GIL released once. Only the ops are recorded (same kernels, same autocast casts),
+        and graph optimisation is off, so the numbers are eager mode's: checked here on a batch.
+        """
+        if self.device.type != "cpu":
+            return None, f"off on {self.device.type} (measured on CPU only)"
+        forward = _Forward(self.normalize, self.model, self.device.type, self.autocast_dtype).eval()
+        example = torch.randint(0, 256, (self.batch_size, 3, 32, 32), dtype=torch.uint8, device=self.device)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+                traced = torch.jit.trace(forward, example, check_trace=False)
+            with torch.jit.optimized_execution(False):
+                same = all(torch.equal(traced(x), self._logits(x, self.autocast_dtype)) for x in (example, example[:3]))
+        except Exception as exc:  # an op the tracer cannot record: eager mode still works
+            log.warning("TorchScript trace failed, /predict runs eagerly: %s", exc)
+            return None, f"failed ({type(exc).__name__})"
+        if not same:
+            log.warning("TorchScript trace disagrees with eager mode, /predict runs eagerly")
+            return None, "off (differs from eager mode)"
+        return traced, "on"
+
     # -- batch functions -------------------------------------------------------------------------
     @torch.inference_mode()
     def _logits(self, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -114,8 +160,13 @@ class InferenceEngine:
 
     def predict(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Probabilities (softmax of the logits) per image."""
-        probabilities = self._logits(torch.stack(images), self.autocast_dtype).softmax(1).cpu()
-        return list(probabilities.unbind(0))
+        batch = torch.stack(images).to(self.device, non_blocking=True)
+        if self.traced is None:
+            logits = self._logits(batch, self.autocast_dtype)
+        else:
+            with torch.inference_mode(), torch.jit.optimized_execution(False):
+                logits = self.traced(batch)
+        return list(logits.softmax(1).cpu().unbind(0))
 
     def gradcam(self, jobs: list[GradcamJob]) -> list[GradcamRow]:
         """One forward+backward per distinct layer in the batch (usually one), each image its own target."""

@@ -228,6 +228,9 @@ async def health(state: State) -> dict[str, Any]:
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
             "queue_size": settings.queue_size,
+            "model_lanes": state.lanes,
+            "torch_threads": state.torch_threads,
+            "traced": engine.traced is not None,
         },
     }
 

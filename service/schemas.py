@@ -71,6 +71,9 @@ class BatchingInfo(BaseModel):
     max_batch_size: int
     max_wait_ms: float
     queue_size: int
+    model_lanes: int = Field(description="batches that run at once, each on its own model thread")
+    torch_threads: int = Field(description="intra-op threads per batch")
+    traced: bool = Field(description="/predict's forward runs as one TorchScript call")
 
 
 class Health(BaseModel):

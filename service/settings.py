@@ -25,7 +25,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Precision = "auto"
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads; default: torch's choice")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads; default: cores / model_lanes on a CPU with 2+ lanes, else torch's"
+    )
+    model_lanes: int | None = Field(
+        None, ge=1, le=16, description="batches run at once, one model thread each; default: 2 on a CPU, 1 on a GPU"
+    )
+    trace: bool = Field(True, description="run /predict's forward as one TorchScript call (CPU), GIL released")
 
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass")
     max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a batch waits to fill, when arrivals are due")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,9 +17,11 @@ from helpers import CLASSES, animation, encode, random_image
 from PIL import Image
 from pydantic import SecretStr, ValidationError
 
-from service.app import create_app
+from service.app import create_app, parallelism
 from service.settings import Settings
 from service.transforms import image_to_uint8
+
+CORES = len(os.sched_getaffinity(0))
 
 
 @pytest.fixture
@@ -76,7 +79,23 @@ async def test_health_reports_model_device_and_batching(client, settings):
         "max_batch_size": settings.max_batch_size,
         "max_wait_ms": settings.max_wait_ms,
         "queue_size": settings.queue_size,
+        "model_lanes": min(2, CORES),  # on a CPU: two batches at once, cores/2 threads each
+        "torch_threads": CORES // min(2, CORES),
+        "traced": True,
     }
+
+
+def test_parallelism_never_asks_for_more_threads_than_cores():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    cores = 2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+        assert parallelism(Settings(), cpu) == (2, 1)  # two single-threaded lanes
+        assert parallelism(Settings(torch_threads=2), cpu) == (1, 2)  # the old one-lane setup
+        assert parallelism(Settings(model_lanes=1), cpu) == (1, None)
+        assert parallelism(Settings(), gpu) == (1, None)
+        cores = 8
+        assert parallelism(Settings(), cpu) == (2, 4)
 
 
 async def test_live_ready_and_openapi(client):
@@ -383,6 +402,17 @@ async def test_gradcam_bad_parameters_are_422(client, query, words):
 async def test_gradcam_png_needs_exactly_one_file(client):
     response = await client.post("/gradcam?format=png", files=files(("a.png", png(0)), ("b.png", png(1))))
     assert response.status_code == 422
+
+
+async def test_predict_runs_one_traced_call_with_eager_modes_numbers(app):
+    """/predict's forward is a TorchScript trace (GIL released for the whole pass): same numbers as eager."""
+    engine = app.state.camserve.engine
+    assert engine.traced is not None
+    generator = torch.Generator().manual_seed(0)
+    for size in (1, 5, 8):
+        images = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(size)]
+        eager = engine._logits(torch.stack(images), engine.autocast_dtype).softmax(1)
+        assert torch.equal(torch.stack(engine.predict(images)), eager)
 
 
 async def test_model_weights_never_store_gradients(client, app):
