@@ -8,7 +8,6 @@ import gc
 import logging
 import os
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -19,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from service.batcher import DynamicBatcher
+from service.batcher import DynamicBatcher, ModelThreads
 from service.bundle import Bundle, load_bundle
 from service.engine import GradcamJob, GradcamRow, InferenceEngine, resolve_device
 from service.images import ImageRejected
@@ -88,7 +87,7 @@ def _lifespan(preloaded: Bundle | None):
             torch.set_num_threads(threads)
         bundle = preloaded or await run_in_threadpool(load_bundle, settings.model_dir)
         # The model threads ("lanes"), shared by both endpoints: at most `lanes` batches at once.
-        executor = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="camserve-model")
+        executor = ModelThreads(max_workers=lanes)
         loop = asyncio.get_running_loop()
         engine = await loop.run_in_executor(
             executor,
@@ -133,7 +132,7 @@ def _lifespan(preloaded: Bundle | None):
         # full collections had paused the event loop ~110 ms each, 4 times in 10 s.
         gc.collect()
         gc.freeze()
-        state.ready = True
+        state.ready, state.draining = True, False  # an app served again after a stop is ready again
         log.info(
             "serving %s (%s) on %s, precision %s: %s; %d model lane(s) of %d thread(s), trace %s",
             bundle.metadata.get("name"),

@@ -27,9 +27,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("camserve.batcher")
 
@@ -64,6 +64,38 @@ class BatchStats:
     queue_wait_s: list[float]
     run_s: float
     dropped: int
+
+
+class ModelThreads(ThreadPoolExecutor):
+    """The model threads: a thread pool that knows how many submitted calls have not started yet.
+
+    A batcher running batches back to back asks it whether anyone else (the other endpoint's
+    batcher, a warm-up) is waiting for a thread, and hands its thread over if so.
+    """
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "camserve-model") -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        def started() -> Any:
+            with self._lock:
+                self._waiting -= 1
+            return fn(*args, **kwargs)
+
+        with self._lock:
+            self._waiting += 1
+        try:
+            return super().submit(started)
+        except BaseException:  # shut down: the call will never start
+            with self._lock:
+                self._waiting -= 1
+            raise
 
 
 class DynamicBatcher(Generic[Payload, Result]):
@@ -199,9 +231,8 @@ class DynamicBatcher(Generic[Payload, Result]):
                 self._running -= 1
 
     def _executor_idle(self) -> bool:
-        """Nothing else waits for the model thread (a ThreadPoolExecutor's queue; other executors: assume so)."""
-        waiting = getattr(self._executor, "_work_queue", None)
-        return waiting is None or waiting.empty()
+        """Nothing else waits for a model thread (known for a :class:`ModelThreads`; otherwise assumed)."""
+        return getattr(self._executor, "waiting", 0) == 0
 
     def _run_back_to_back(self, batch: list[_Item[Payload]], loop: asyncio.AbstractEventLoop) -> None:
         """On the model thread: run ``batch``, then whatever queued meanwhile, until the queue is empty.

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batcher import BatchFailed, BatchStats, DynamicBatcher, QueueFull, ShuttingDown
+from service.batcher import BatchFailed, BatchStats, DynamicBatcher, ModelThreads, QueueFull, ShuttingDown
 
 
 class FakeModel:
@@ -33,7 +33,7 @@ class FakeModel:
 
 @pytest.fixture
 def executor():
-    with ThreadPoolExecutor(1) as pool:
+    with ModelThreads(1) as pool:
         yield pool
 
 
@@ -167,3 +167,15 @@ async def test_two_lanes_run_two_batches_at_once():
         batcher.start()
         assert await asyncio.gather(batcher.submit([1], 5), batcher.submit([2], 5)) == [[2], [4]]
         await batcher.stop()
+
+
+def test_model_threads_count_the_calls_waiting_for_a_thread():
+    release = threading.Event()
+    with ModelThreads(1) as pool:
+        running = pool.submit(release.wait, 5)
+        queued = [pool.submit(int, "7") for _ in range(3)]
+        time.sleep(0.05)
+        assert pool.waiting == 3  # the first call holds the only thread
+        release.set()
+        assert [f.result(5) for f in queued] == [7, 7, 7] and running.result(5)
+        assert pool.waiting == 0

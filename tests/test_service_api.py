@@ -459,3 +459,14 @@ async def test_api_key_protects_the_api_but_not_the_probes(settings):
         assert (await client.post("/predict", files=upload, headers={"X-API-Key": "s3cret"})).status_code == 200
         for path in ("/health", "/livez", "/readyz"):
             assert (await client.get(path)).status_code == 200
+
+
+async def test_an_app_started_again_after_a_stop_is_ready_again(settings):
+    app = create_app(settings)
+    for _ in range(2):
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://camserve") as client:
+                assert (await client.get("/readyz")).status_code == 200
+                assert (await client.post("/predict", files=files(("a.png", png(1))))).status_code == 200
+        assert app.state.camserve.draining
