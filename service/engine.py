@@ -139,7 +139,9 @@ class InferenceEngine:
         example = torch.randint(0, 256, (self.batch_size, 3, 32, 32), dtype=torch.uint8, device=self.device)
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+                # Deprecated in favour of torch.compile/torch.export, neither of which runs a whole pass in C++
+                # with the GIL released, the point here; if trace goes away, /predict runs eagerly (below).
+                warnings.filterwarnings("ignore", r"`torch\.jit\.trace", FutureWarning)
                 traced = torch.jit.trace(forward, example, check_trace=False)
             with torch.jit.optimized_execution(False):
                 same = all(torch.equal(traced(x), self._logits(x, self.autocast_dtype)) for x in (example, example[:3]))
