@@ -4,7 +4,9 @@ One run measures, on this machine and at one precision (the one camserve picks, 
 
 * camserve (``python -m service``): single-image ``/predict`` and ``/gradcam`` at each concurrency,
   plus bulk ``/predict`` requests of 32 images at concurrency 8;
-* the same server with ``CAMSERVE_MAX_BATCH_SIZE=1``: what the dynamic batcher buys;
+* the same server with ``CAMSERVE_MAX_BATCH_SIZE=1``: what the dynamic batcher buys (on a CPU it
+  still runs two single-image forwards at once, one per model lane), and the same with
+  ``CAMSERVE_MODEL_LANES=1``, the classic unbatched server that runs one request at a time;
 * the in-process ceiling: the model alone on pre-decoded uint8 batches of 32 and of 1, no HTTP,
   no decoding; the most this machine can do;
 * LitServe (``bench/litserve_server.py``) serving the same network with its own batching
@@ -65,7 +67,7 @@ from service.transforms import Normalize
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODEL_DIR = Path(os.environ.get("CAMSERVE_MODEL_DIR", ROOT / "models" / "cifar10-resnet"))
-TARGETS = ("camserve", "unbatched", "litserve", "ceiling")
+TARGETS = ("camserve", "unbatched", "unbatched_1lane", "litserve", "ceiling")
 HEY_REQUEST_TIMEOUT_S = 20  # hey's own per-request limit; a run can never outlast duration + this
 DEFAULT_START_TIMEOUT_S = 300.0  # start-up includes camserve's precision timing and the servers' warm-up
 STOP_GRACE_S = 30.0
@@ -549,6 +551,10 @@ def measure(args: argparse.Namespace, images: list[tuple[str, bytes]], workdir: 
     if "unbatched" not in args.skip:
         with launcher.camserve("unbatched", args.model_dir, precision=precision, max_batch_size=1) as server:
             points += sweep(plan, server, "unbatched", "/predict", bodies["single"], plan.concurrency)
+    if "unbatched_1lane" not in args.skip:  # the classic unbatched server: one request at a time
+        one_lane = {"precision": precision, "max_batch_size": 1, "model_lanes": 1}
+        with launcher.camserve("unbatched_1lane", args.model_dir, **one_lane) as server:
+            points += sweep(plan, server, "unbatched_1lane", "/predict", bodies["single"], plan.concurrency)
     if "litserve" not in args.skip:
         with launcher.litserve(args.model_dir, precision) as server:
             points += sweep(plan, server, "litserve", "/predict", bodies["single"], plan.concurrency)

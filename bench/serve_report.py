@@ -16,11 +16,13 @@ from pathlib import Path
 LABELS = {
     "camserve": "camserve",
     "unbatched": "camserve, MAX_BATCH_SIZE=1",
+    "unbatched_1lane": "camserve, MAX_BATCH_SIZE=1, MODEL_LANES=1",
     "litserve": "LitServe (batch 32, 5 ms)",
     "ceiling": "in-process ceiling",
 }
 # Issue 4's goals, measured on 2 CPU cores; the absolute ones say nothing on other hardware.
 GOAL_C32_IMAGES = 800.0
+GOAL_C32_SHARE = 0.73  # the 800 img/s goal as a share of the ceiling: what counts on another CPU
 GOAL_C32_P99_MS = 100.0
 GOAL_VS_UNBATCHED_C32 = 4.0
 GOAL_GRADCAM_SHARE = 0.40
@@ -72,6 +74,7 @@ def ratios_by_concurrency(result: dict) -> list[dict]:
                 "predict_images_per_s": predict,
                 "vs_ceiling": ratio(predict, ceiling),
                 "vs_unbatched": ratio(predict, rate(points, "unbatched", "/predict", c)),
+                "vs_unbatched_1lane": ratio(predict, rate(points, "unbatched_1lane", "/predict", c)),
                 "vs_litserve": ratio(predict, rate(points, "litserve", "/predict", c)),
                 "gradcam_vs_predict": ratio(rate(points, "camserve", "/gradcam", c), predict),
             }
@@ -96,6 +99,12 @@ def goal_rows(result: dict) -> list[tuple[str, str, bool | None]]:
             _num,
         ),
         (
+            f"/predict c=32 ≥ {GOAL_C32_SHARE:.0%} of the in-process ceiling at batch {batch}",
+            c32.get("vs_ceiling"),
+            lambda v: v >= GOAL_C32_SHARE,
+            _pct,
+        ),
+        (
             f"/predict c=32 p99 ≤ {GOAL_C32_P99_MS:.0f} ms",
             predict32["p99_ms"] if predict32 else None,
             lambda v: v <= GOAL_C32_P99_MS,
@@ -105,6 +114,12 @@ def goal_rows(result: dict) -> list[tuple[str, str, bool | None]]:
         (
             f"c=32 ≥ {GOAL_VS_UNBATCHED_C32:g}x unbatched",
             c32.get("vs_unbatched"),
+            lambda v: v >= GOAL_VS_UNBATCHED_C32,
+            _x,
+        ),
+        (
+            f"c=32 ≥ {GOAL_VS_UNBATCHED_C32:g}x unbatched with one model lane (one request at a time)",
+            c32.get("vs_unbatched_1lane"),
             lambda v: v >= GOAL_VS_UNBATCHED_C32,
             _x,
         ),
@@ -169,14 +184,15 @@ def results_table(points: Points) -> list[str]:
 def ratio_table(result: dict) -> list[str]:
     batch = result["settings"]["bulk_images"]
     lines = [
-        f"| concurrency | /predict images/s | ÷ ceiling (batch {batch}) | ÷ unbatched | ÷ LitServe"
-        " | /gradcam ÷ /predict |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"| concurrency | /predict images/s | ÷ ceiling (batch {batch}) | ÷ unbatched | ÷ unbatched, 1 lane"
+        " | ÷ LitServe | /gradcam ÷ /predict |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in ratios_by_concurrency(result):
         lines.append(
             f"| {row['concurrency']} | {_num(row['predict_images_per_s'])} | {_pct(row['vs_ceiling'])} "
-            f"| {_x(row['vs_unbatched'])} | {_x(row['vs_litserve'])} | {_pct(row['gradcam_vs_predict'])} |"
+            f"| {_x(row['vs_unbatched'])} | {_x(row['vs_unbatched_1lane'])} | {_x(row['vs_litserve'])} "
+            f"| {_pct(row['gradcam_vs_predict'])} |"
         )
     return lines
 
@@ -246,6 +262,7 @@ SERIES = (
     ("camserve", "/predict", "camserve /predict", "o-"),
     ("camserve", "/gradcam", "camserve /gradcam", "s-"),
     ("unbatched", "/predict", "camserve MAX_BATCH_SIZE=1 /predict", "v--"),
+    ("unbatched_1lane", "/predict", "camserve MAX_BATCH_SIZE=1, 1 lane /predict", "<:"),
     ("litserve", "/predict", "LitServe /predict", "^--"),
 )
 
