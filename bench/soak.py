@@ -63,19 +63,23 @@ class Window:
     cpu_s: dict[str, float]  # server, other (everything else on the machine), steal
 
 
-def server_counters(base: str) -> dict[str, float]:
-    """Sums and counts of the /predict batch histograms, read with prometheus-client's own parser."""
+def metric_samples(base: str) -> list:
+    """Every sample the server's /metrics exposes, read with prometheus-client's own parser."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    wanted = {"camserve_batch_size", "camserve_inference_seconds", "camserve_queue_wait_seconds"}
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=10).text):
-        if family.name not in wanted:
-            continue
-        for sample in family.samples:
-            if sample.labels.get("endpoint") == "/predict" and sample.name.endswith(("_sum", "_count")):
-                totals[sample.name] = sample.value
-    return totals
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def server_counters(base: str) -> dict[str, float]:
+    """Sums and counts of the /predict batch histograms."""
+    histograms = ("camserve_batch_size", "camserve_inference_seconds", "camserve_queue_wait_seconds")
+    wanted = {f"{name}{suffix}" for name in histograms for suffix in ("_sum", "_count")}
+    return {
+        sample.name: sample.value
+        for sample in metric_samples(base)
+        if sample.name in wanted and sample.labels.get("endpoint") == "/predict"
+    }
 
 
 def per_batch(before: dict[str, float], after: dict[str, float], metric: str, scale: float = 1.0) -> float | None:
@@ -244,8 +248,7 @@ def soak_window(
 
 
 def rejections_by_reason(base: str) -> dict[str, float]:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    return {m[0]: float(m[1]) for m in re.findall(r'camserve_rejections_total\{reason="([^"]+)"\} ([\d.e+]+)', text)}
+    return {s.labels["reason"]: s.value for s in metric_samples(base) if s.name == "camserve_rejections_total"}
 
 
 def summarise(windows: list[Window], rss_start: float, rss_end: float) -> dict:
