@@ -1,5 +1,6 @@
 """The Lightning job on tiny generated data: sources, schedule, loss, smoke run, checkpoint parity."""
 
+import copy
 import itertools
 import json
 import tarfile
@@ -15,6 +16,7 @@ from service.transforms import Normalize
 from training import data
 from training.augment import TrainTransform, cutmix, cutout, random_crop
 from training.export import export_bundle, predict_logits
+from training.ghost_norm import GhostBatchNorm2d
 from training.module import CifarResNetModule, smoothed_nll_loss
 from training.schedule import custom_one_cycle_lr
 
@@ -266,3 +268,47 @@ def test_sweep_sizes_runs_to_its_budget_and_keeps_the_best_by_validation(tiny_fo
     images = data.load("folder", tiny_folder, cache_dir).test.images
     with torch.no_grad():
         assert torch.equal(restored(restored.test_transform(images)), full(full.test_transform(images)))
+
+
+def test_ghost_batch_norm_normalises_each_virtual_batch_and_stays_plain_batch_norm():
+    torch.manual_seed(0)
+    plain = torch.nn.BatchNorm2d(8)
+    torch.nn.init.uniform_(plain.weight)
+    torch.nn.init.uniform_(plain.bias)
+    ghost = GhostBatchNorm2d(8, virtual_batch_size=4)
+    ghost.load_state_dict(plain.state_dict())
+    x = torch.randn(16, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    out = ghost(x)
+    expected, means, variances = torch.empty_like(x), [], []
+    for j in range(4):  # virtual batch j holds images j, j+4, j+8, j+12
+        reference = copy.deepcopy(plain)
+        expected[j::4] = reference(x[j::4])
+        means.append(reference.running_mean)
+        variances.append(reference.running_var)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(out, copy.deepcopy(plain)(x), atol=1e-3)  # not whole-batch statistics
+    assert torch.allclose(ghost.running_mean, torch.stack(means).mean(0), atol=1e-6)
+    assert torch.allclose(ghost.running_var, torch.stack(variances).mean(0), atol=1e-6)
+    ghost.eval()
+    plain.load_state_dict(ghost.state_dict())
+    assert torch.equal(ghost(x), plain.eval()(x))  # evaluation: plain BatchNorm, same state
+
+
+def test_ghost_batch_norm_and_ema_train_a_network_the_service_loads(tiny_folder, cache_dir, tmp_path):
+    from training.cli import main
+
+    run_dir = tmp_path / "run"
+    common = ["--data-dir", str(tiny_folder), "--cache-dir", str(cache_dir), "--run-dir", str(run_dir)]
+    common += ["--batch-size", "16", "--val-size", "10", "--precision", "32-true", "--lr", "0.05"]
+    main(["fit", *common, "--epochs", "2", "--ghost-batch-size", "8", "--ema-decay", "0.5"])
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    averaged, current = ckpt["state_dict"], ckpt["current_model_state"]
+    assert averaged.keys() == current.keys()
+    assert any(not torch.equal(averaged[k], current[k]) for k in averaged if k.startswith("net."))
+
+    module = CifarResNetModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert any(isinstance(m, GhostBatchNorm2d) for m in module.net.modules())
+    bundle = load_bundle(export_bundle(run_dir / "checkpoints" / "last.ckpt", tmp_path / "bundle", misclassified=2))
+    served = bundle.model.state_dict()  # the averaged weights, in the plain serving network
+    assert all(torch.equal(served[k], averaged[f"net.{k}"]) for k in served)
+    assert bundle.metadata["recipe"]["ema_decay"] == 0.5 and bundle.metadata["recipe"]["ghost_batch_size"] == 8

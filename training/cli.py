@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from training.module import CifarResNetModule
@@ -24,6 +24,11 @@ def default_precision() -> str:
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
 
 
+def training_device() -> torch.device:
+    """Where ``accelerator="auto"`` with one device trains: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_trainer(
     run_dir: Path,
     epochs: int,
@@ -31,6 +36,7 @@ def build_trainer(
     fast_dev_run: bool = False,
     progress_bar: bool = True,
     keep_checkpoints: int = -1,
+    ema_decay: float = 0.0,
 ) -> L.Trainer:
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -53,7 +59,12 @@ def build_trainer(
         default_root_dir=run_dir,
         logger=CSVLogger(run_dir, name="logs"),
         callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")]
-        + ([TQDMProgressBar(refresh_rate=10)] if progress_bar else []),
+        + ([TQDMProgressBar(refresh_rate=10)] if progress_bar else [])
+        # Validation, test and every checkpoint's state_dict see the averaged weights; the raw ones
+        # stay in the checkpoint as "current_model_state" so a resumed fit continues from them.
+        # The device is named because the callback copies the module before Lightning moves it there:
+        # an average kept on the CPU would cost a device-to-host copy every step.
+        + ([EMAWeightAveraging(decay=ema_decay, device=training_device())] if ema_decay else []),
         enable_progress_bar=progress_bar,
         fast_dev_run=fast_dev_run,
         log_every_n_steps=10,
@@ -76,19 +87,29 @@ def cmd_fit(args: argparse.Namespace) -> None:
         weight_decay=args.weight_decay,
         cutout_size=args.cutout_size,
         cutmix=args.cutmix,
+        ghost_batch_size=args.ghost_batch_size,
+        ema_decay=args.ema_decay,
         val_size=args.val_size,
         seed=args.seed,
         cache_dir=args.cache_dir,
     )
     trainer = build_trainer(
-        run_dir, args.epochs, args.precision, fast_dev_run=args.fast_dev_run, keep_checkpoints=args.keep_checkpoints
+        run_dir,
+        args.epochs,
+        args.precision,
+        fast_dev_run=args.fast_dev_run,
+        keep_checkpoints=args.keep_checkpoints,
+        ema_decay=args.ema_decay,
     )
     resume = str(last) if last.is_file() and not args.fast_dev_run else None
     if resume:
         log.warning("resuming from %s", resume)
     trainer.fit(module, ckpt_path=resume)
     if not args.fast_dev_run:
-        trainer.test(module, ckpt_path="last")
+        # The weights fit ended with (the averaged ones under EMA, which on_train_end copies in), as
+        # last.ckpt's state_dict holds them. Not ckpt_path="last": the EMA callback would then load
+        # the checkpoint's raw "current_model_state" into the module and test those instead.
+        trainer.test(module)
 
 
 def cmd_test(args: argparse.Namespace) -> None:
@@ -132,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--weight-decay", type=float, default=5e-4, help="on weights only, not on BatchNorm")
     fit.add_argument("--cutout-size", type=int, default=8, help="side of the cutout square; 0 turns it off")
     fit.add_argument("--cutmix", type=float, default=0.0, help="fraction of batches given CutMix (0: none)")
+    fit.add_argument(
+        "--ghost-batch-size", type=int, default=0, help="BatchNorm statistics over virtual batches of N (0: off)"
+    )
+    fit.add_argument("--ema-decay", type=float, default=0.0, help="per-step EMA of the weights, e.g. 0.999 (0: off)")
     fit.add_argument(
         "--keep-checkpoints", type=int, default=-1, help="-1: every epoch; k: the k best by val_acc; 0: the newest only"
     )

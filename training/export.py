@@ -133,6 +133,8 @@ def export_bundle(
             "batch_size": hp.batch_size,
             "schedule": f"one-cycle, linear warm-up over {hp.warmup_fraction:.0%} then linear to 0",
             "label_smoothing": hp.label_smoothing,
+            "ghost_batch_size": hp.get("ghost_batch_size", 0),
+            "ema_decay": hp.get("ema_decay", 0.0),
             "augmentation": f"reflect-pad {hp.crop_padding} crop, horizontal flip, cutout {hp.cutout_size}"
             + (f", CutMix on {hp.cutmix:.0%} of batches" if hp.get("cutmix", 0) else ""),
             "precision": extra.get("precision", "unknown"),

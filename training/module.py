@@ -17,6 +17,7 @@ from service.network import build_network
 from service.transforms import CIFAR10_MEAN, CIFAR10_STD, Normalize
 from training import data
 from training.augment import TrainTransform, cutmix
+from training.ghost_norm import use_ghost_batch_norm
 from training.schedule import custom_one_cycle_lr
 
 
@@ -64,6 +65,8 @@ class CifarResNetModule(L.LightningModule):
         crop_padding: int = 4,
         cutout_size: int = 8,
         cutmix: float = 0.0,
+        ghost_batch_size: int = 0,
+        ema_decay: float = 0.0,
         num_classes: int = 10,
         cache_dir: str | None = None,
     ) -> None:
@@ -71,6 +74,10 @@ class CifarResNetModule(L.LightningModule):
         self.save_hyperparameters()
         self.num_classes = num_classes
         self.net = build_network(num_classes).to(memory_format=torch.channels_last)
+        if ghost_batch_size:
+            use_ghost_batch_norm(self.net, ghost_batch_size)
+        # ema_decay is read by the Trainer's EMAWeightAveraging callback (training.cli); kept here so
+        # the checkpoint records the whole recipe.
         self.train_transform = TrainTransform(CIFAR10_MEAN, CIFAR10_STD, crop_padding, cutout_size)
         self.test_transform = Normalize(CIFAR10_MEAN, CIFAR10_STD)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
@@ -70,13 +71,16 @@ def run_concurrently(variants: list[Variant], common: list[str], epochs: int, ro
     """
     started = time.monotonic()
     procs = []
+    # Each run's CPU work (loading, Python) gets its share of the cores instead of all of them:
+    # torch's default of one thread per core in every process oversubscribes the host.
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(variants)))}
     for variant in variants:
         variant.run_dir = root / variant.name
         variant.run_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "training", "fit", *common, "--run-dir", str(variant.run_dir)]
         command += ["--epochs", str(epochs), "--keep-checkpoints", "0", *variant.flags]
         log = (variant.run_dir / "fit.log").open("w")
-        procs.append((variant, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append((variant, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     for variant, proc, log in procs:
         try:
             variant.returncode = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
