@@ -67,7 +67,7 @@ from service.transforms import Normalize
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODEL_DIR = Path(os.environ.get("CAMSERVE_MODEL_DIR", ROOT / "models" / "cifar10-resnet"))
-TARGETS = ("camserve", "unbatched", "unbatched_1lane", "litserve", "ceiling")
+TARGETS = ("camserve", "unbatched", "unbatched_1lane", "camserve_tta", "litserve", "ceiling")
 HEY_REQUEST_TIMEOUT_S = 20  # hey's own per-request limit; a run can never outlast duration + this
 DEFAULT_START_TIMEOUT_S = 300.0  # start-up includes camserve's precision timing and the servers' warm-up
 STOP_GRACE_S = 30.0
@@ -501,6 +501,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds per point (default 10; 2 with --quick)")
     parser.add_argument("--warmup", type=float, help="seconds of discarded load before each point (default 2)")
     parser.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], help="default 1,8,32,128")
+    parser.add_argument(
+        "--tta",
+        choices=["none", "flip"],
+        default="none",
+        help="camserve's test-time augmentation (default none: the same network work as LitServe and the "
+        "ceiling; the camserve_tta target measures flip)",
+    )
     parser.add_argument("--bulk-images", type=int, default=32, help="images per bulk request")
     parser.add_argument("--bulk-concurrency", type=int, default=8)
     parser.add_argument("--ceiling-seconds", type=float, help="timed seconds per ceiling batch size (default 5)")
@@ -523,7 +530,9 @@ def bench_camserve(
     args: argparse.Namespace, plan: Plan, bodies: dict[str, Body], launcher: Launcher
 ) -> tuple[list[Point], dict]:
     """The server as shipped: /predict, /gradcam, bulk. Returns its points and its /health."""
-    settings = {} if args.precision == "auto" else {"precision": args.precision}
+    settings: dict[str, str] = {"tta": args.tta}
+    if args.precision != "auto":
+        settings["precision"] = args.precision
     with launcher.camserve("camserve", args.model_dir, **settings) as server:
         health = json.loads(request("GET", server.base_url + "/health")[1])
         print(f"[camserve] {health['device']}, precision {health['precision']}: {health['precision_reason']}")
@@ -549,12 +558,16 @@ def measure(args: argparse.Namespace, images: list[tuple[str, bytes]], workdir: 
     points, health = bench_camserve(args, plan, bodies, launcher)
     precision = health["precision"]  # every other target runs at the precision camserve chose
     if "unbatched" not in args.skip:
-        with launcher.camserve("unbatched", args.model_dir, precision=precision, max_batch_size=1) as server:
+        unbatched = {"precision": precision, "tta": args.tta, "max_batch_size": 1}
+        with launcher.camserve("unbatched", args.model_dir, **unbatched) as server:
             points += sweep(plan, server, "unbatched", "/predict", bodies["single"], plan.concurrency)
     if "unbatched_1lane" not in args.skip:  # the classic unbatched server: one request at a time
-        one_lane = {"precision": precision, "max_batch_size": 1, "model_lanes": 1}
+        one_lane = {"precision": precision, "tta": args.tta, "max_batch_size": 1, "model_lanes": 1}
         with launcher.camserve("unbatched_1lane", args.model_dir, **one_lane) as server:
             points += sweep(plan, server, "unbatched_1lane", "/predict", bodies["single"], plan.concurrency)
+    if "camserve_tta" not in args.skip and args.tta == "none":  # what flip TTA's second view costs
+        with launcher.camserve("camserve_tta", args.model_dir, precision=precision, tta="flip") as server:
+            points += sweep(plan, server, "camserve_tta", "/predict", bodies["single"], plan.concurrency)
     if "litserve" not in args.skip:
         with launcher.litserve(args.model_dir, precision) as server:
             points += sweep(plan, server, "litserve", "/predict", bodies["single"], plan.concurrency)
@@ -586,6 +599,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": health["device"],
         "precision": health["precision"],
         "precision_reason": health["precision_reason"],
+        "tta": health.get("test_time_augmentation"),
         "batching": health["batching"],
         "model": {key: health["model"].get(key) for key in ("name", "version", "test_accuracy")},
         "camserve_env": {k: v for k, v in server_env().items() if k.startswith("CAMSERVE_")},

@@ -17,6 +17,7 @@ LABELS = {
     "camserve": "camserve",
     "unbatched": "camserve, MAX_BATCH_SIZE=1",
     "unbatched_1lane": "camserve, MAX_BATCH_SIZE=1, MODEL_LANES=1",
+    "camserve_tta": "camserve, TTA flip (2 views per image)",
     "litserve": "LitServe (batch 32, 5 ms)",
     "ceiling": "in-process ceiling",
 }
@@ -142,7 +143,15 @@ def goal_rows(result: dict) -> list[tuple[str, str, bool | None]]:
             _pct,
         ),
     ]
-    return [(goal, shown(value), None if value is None else test(value)) for goal, value, test, shown in goals]
+    rows = [(goal, shown(value), None if value is None else test(value)) for goal, value, test, shown in goals]
+    if str(result.get("device", "")).startswith("cuda"):
+        # The ceiling shares translate the 2-core CPU goal; a GPU's bare model outruns any HTTP front
+        # by orders of magnitude, so there they measure the front, not the batcher: reported, not judged.
+        rows = [
+            (f"{goal} (a CPU goal; not judged on a GPU)", shown, None) if "ceiling" in goal else (goal, shown, met)
+            for goal, shown, met in rows
+        ]
+    return rows
 
 
 # -- formatting -----------------------------------------------------------------------------------
@@ -209,7 +218,9 @@ def markdown(result: dict) -> str:
         f"{result['date']} · {machine['cpu']} · {machine['cores']} cores · {result['device']}"
         f" · torch {machine['torch']} · load average at start {machine['load_average_at_start'][0]:.2f}",
         "",
-        f"Precision **{result['precision']}** ({result['precision_reason']}); every target ran at it.",
+        f"Precision **{result['precision']}** ({result['precision_reason']}); every target ran at it. "
+        f"Test-time augmentation: {result.get('tta') or 'none'} (camserve's default is flip; LitServe and the "
+        "ceiling run the plain network, so the comparisons use the same network work everywhere).",
         f"Batching: {result['batching']}. Model: {model['name']} ({model['version'][:12]}),"
         f" test accuracy {model['test_accuracy']}.",
         f"LitServe: {result.get('litserve')}. Versions: {result.get('versions')}.",
@@ -263,6 +274,7 @@ SERIES = (
     ("camserve", "/gradcam", "camserve /gradcam", "s-"),
     ("unbatched", "/predict", "camserve MAX_BATCH_SIZE=1 /predict", "v--"),
     ("unbatched_1lane", "/predict", "camserve MAX_BATCH_SIZE=1, 1 lane /predict", "<:"),
+    ("camserve_tta", "/predict", "camserve TTA flip /predict", "D:"),
     ("litserve", "/predict", "LitServe /predict", "^--"),
 )
 

@@ -97,6 +97,7 @@ def _lifespan(preloaded: Bundle | None):
             settings.precision,
             settings.max_batch_size,
             settings.trace,
+            settings.tta,
         )
         await loop.run_in_executor(executor, engine.warm_up)
         common = {
@@ -134,12 +135,13 @@ def _lifespan(preloaded: Bundle | None):
         gc.freeze()
         state.ready, state.draining = True, False  # an app served again after a stop is ready again
         log.info(
-            "serving %s (%s) on %s, precision %s: %s; %d model lane(s) of %d thread(s), trace %s",
+            "serving %s (%s) on %s, precision %s: %s; TTA %s; %d model lane(s) of %d thread(s), trace %s",
             bundle.metadata.get("name"),
             bundle.version[:12],
             engine.device_name,
             engine.precision,
             engine.precision_reason,
+            engine.tta,
             lanes,
             state.torch_threads,
             engine.trace_reason,

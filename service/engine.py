@@ -10,6 +10,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -19,22 +20,38 @@ from service.transforms import Normalize
 
 log = logging.getLogger("camserve.engine")
 
+TestTimeAugmentation = Literal["none", "flip"]
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_AGREEMENT = 0.995  # top-1 agreement with fp32 on the test set a faster mode must keep
 
 
 class _Forward(torch.nn.Module):
-    """uint8 images -> float32 logits: normalisation, autocast and the network, as one module to trace."""
+    """uint8 images -> float32 probabilities: normalisation, autocast, the network, softmax and, with
+    flip test-time augmentation, the mean over each image and its mirror; one module to trace."""
 
-    def __init__(self, normalize: torch.nn.Module, model: torch.nn.Module, device_type: str, dtype: torch.dtype | None):
+    def __init__(
+        self,
+        normalize: torch.nn.Module,
+        model: torch.nn.Module,
+        device_type: str,
+        dtype: torch.dtype | None,
+        flip_tta: bool = False,
+    ):
         super().__init__()
         self.normalize, self.model = normalize, model
-        self.device_type, self.dtype = device_type, dtype
+        self.device_type, self.dtype, self.flip_tta = device_type, dtype, flip_tta
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalize(images)
+        if self.flip_tta:  # one pass over both views: a batch twice the size, not two passes
+            x = torch.cat([x, x.flip(3)])
         with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            return self.model(x).float()
+            logits = self.model(x).float()
+        probabilities = logits.softmax(1)  # outside autocast: always in fp32
+        if self.flip_tta:
+            original, mirrored = probabilities.chunk(2)
+            probabilities = (original + mirrored) / 2
+        return probabilities
 
 
 @dataclass(frozen=True)
@@ -70,15 +87,23 @@ def low_precision_modes(device: torch.device) -> list[str]:
 
 class InferenceEngine:
     def __init__(
-        self, bundle: Bundle, device: torch.device, precision: str, batch_size: int, trace: bool = True
+        self,
+        bundle: Bundle,
+        device: torch.device,
+        precision: str,
+        batch_size: int,
+        trace: bool = True,
+        tta: TestTimeAugmentation = "none",
     ) -> None:
         self.bundle = bundle
+        self.tta = tta
         self.device = device
         self.model = bundle.model.to(device=device, memory_format=torch.channels_last).eval()
         self.normalize = Normalize(bundle.metadata["mean"], bundle.metadata["std"]).to(device)
         self.batch_size = batch_size
         self.precision, self.precision_reason = self._choose_precision(precision)
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
+        self.forward = _Forward(self.normalize, self.model, device.type, self.autocast_dtype, tta == "flip").eval()
         self.traced, self.trace_reason = self._trace() if trace else (None, "off (CAMSERVE_TRACE=false)")
 
     @property
@@ -139,16 +164,15 @@ class InferenceEngine:
         """
         if self.device.type != "cpu":
             return None, f"off on {self.device.type} (measured on CPU only)"
-        forward = _Forward(self.normalize, self.model, self.device.type, self.autocast_dtype).eval()
         example = torch.randint(0, 256, (self.batch_size, 3, 32, 32), dtype=torch.uint8, device=self.device)
         try:
             with warnings.catch_warnings():
                 # Deprecated in favour of torch.compile/torch.export, neither of which runs a whole pass in C++
                 # with the GIL released, the point here; if trace goes away, /predict runs eagerly (below).
                 warnings.filterwarnings("ignore", r"`torch\.jit\.trace", FutureWarning)
-                traced = torch.jit.trace(forward, example, check_trace=False)
+                traced = torch.jit.trace(self.forward, example, check_trace=False)
             with torch.jit.optimized_execution(False):
-                same = all(torch.equal(traced(x), self._logits(x, self.autocast_dtype)) for x in (example, example[:3]))
+                same = all(torch.equal(traced(x), self.forward(x)) for x in (example, example[:3]))
         except Exception as exc:  # an op the tracer cannot record: eager mode still works
             log.warning("TorchScript trace failed, /predict runs eagerly: %s", exc)
             return None, f"failed ({type(exc).__name__})"
@@ -165,14 +189,15 @@ class InferenceEngine:
             return self.model(x).float()
 
     def predict(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Probabilities (softmax of the logits) per image."""
+        """Probabilities (softmax of the logits; with flip TTA, averaged over the two views) per image."""
         batch = torch.stack(images).to(self.device, non_blocking=True)
-        if self.traced is None:
-            logits = self._logits(batch, self.autocast_dtype)
-        else:
-            with torch.inference_mode(), torch.jit.optimized_execution(False):
-                logits = self.traced(batch)
-        return list(logits.softmax(1).cpu().unbind(0))
+        with torch.inference_mode():
+            if self.traced is None:
+                probabilities = self.forward(batch)
+            else:
+                with torch.jit.optimized_execution(False):
+                    probabilities = self.traced(batch)
+        return list(probabilities.cpu().unbind(0))
 
     def gradcam(self, jobs: list[GradcamJob]) -> list[GradcamRow]:
         """One forward+backward per distinct layer in the batch (usually one), each image its own target."""
@@ -181,8 +206,15 @@ class InferenceEngine:
             index = [i for i, job in enumerate(jobs) if job.layer == layer]
             images = torch.stack([jobs[i].image for i in index]).to(self.device, non_blocking=True)
             targets = torch.tensor([-1 if jobs[i].target is None else jobs[i].target for i in index])
-            out = grad_cam(self.model, self.normalize(images), layer, targets.to(self.device), self.autocast_dtype)
-            probabilities = out.logits.softmax(1).cpu()
+            out = grad_cam(
+                self.model,
+                self.normalize(images),
+                layer,
+                targets.to(self.device),
+                self.autocast_dtype,
+                flip_tta=self.tta == "flip",
+            )
+            probabilities = out.probabilities.cpu()
             heatmaps = out.heatmaps.cpu()
             for row, i in enumerate(index):
                 rows[i] = GradcamRow(heatmaps[row], probabilities[row], int(out.targets[row]))

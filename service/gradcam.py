@@ -29,7 +29,8 @@ from service.network import CifarResNet
 @dataclass(frozen=True)
 class CamOutput:
     heatmaps: torch.Tensor  # float32 (N, H, W) in [0, 1]
-    logits: torch.Tensor  # float32 (N, classes)
+    logits: torch.Tensor  # float32 (N, classes), of the images as given
+    probabilities: torch.Tensor  # float32 (N, classes); with flip TTA, the mean over both views
     targets: torch.Tensor  # int64 (N,)
 
 
@@ -47,10 +48,15 @@ def grad_cam(
     layer: str,
     targets: torch.Tensor | None = None,
     autocast_dtype: torch.dtype | None = None,
+    flip_tta: bool = False,
 ) -> CamOutput:
     """Grad-CAM heatmaps of ``layer`` for a normalised batch ``x``.
 
     ``targets`` holds a class index per image; ``None``, or -1 for an image, means its top-1 class.
+    With ``flip_tta`` the mirrored images ride along in the same pass: the probabilities (and so the
+    default target) are the mean over both views, as /predict reports them, while the heatmap is
+    still the gradient of the target's logit on the image as given (the mirrored rows' logits are
+    not in the score, so their gradients are zero and no image's gradient mixes with another's).
     """
     blocks = model.blocks
     if layer not in blocks:
@@ -58,6 +64,9 @@ def grad_cam(
     names = list(blocks)
     split = names.index(layer) + 1
     device_type = x.device.type
+    n = x.shape[0]
+    if flip_tta:
+        x = torch.cat([x, x.flip(3)])
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         with torch.no_grad():
             h = x
@@ -68,16 +77,20 @@ def grad_cam(
             h = activations
             for name in names[split:]:
                 h = blocks[name](h)
-            logits = model.head(h).float()
-            predicted = logits.argmax(1)
+            all_logits = model.head(h).float()
+            logits = all_logits[:n]
+            probabilities = logits.softmax(1)
+            if flip_tta:
+                probabilities = (probabilities + all_logits[n:].softmax(1)) / 2
+            predicted = probabilities.argmax(1)
             targets = predicted if targets is None else torch.where(targets < 0, predicted, targets)
             score = logits.gather(1, targets.view(-1, 1)).sum()
             (gradients,) = torch.autograd.grad(score, activations)
-    weights = gradients.float().mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * activations.detach().float()).sum(dim=1))
+    weights = gradients[:n].float().mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activations[:n].detach().float()).sum(dim=1))
     cam = _scale_to_unit(cam)
     cam = F.interpolate(cam.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
-    return CamOutput(cam.clamp_(0.0, 1.0), logits.detach(), targets.detach())
+    return CamOutput(cam.clamp_(0.0, 1.0), logits.detach(), probabilities.detach(), targets.detach())
 
 
 # Viridis, sampled at nine evenly spaced points: perceptually uniform and colour-blind safe.

@@ -205,6 +205,7 @@ async def health(state: State) -> dict[str, Any]:
         "device": engine.device_name,
         "precision": engine.precision,
         "precision_reason": engine.precision_reason,
+        "test_time_augmentation": engine.tta,
         "model": {
             "name": meta.get("name", "model"),
             "version": state.bundle.version,
@@ -213,6 +214,7 @@ async def health(state: State) -> dict[str, Any]:
             "classes": state.bundle.classes,
             "test_accuracy": meta.get("test_accuracy"),
             "test_accuracy_flip_tta": meta.get("test_accuracy_flip_tta"),
+            "served_test_accuracy": meta.get("test_accuracy_flip_tta" if engine.tta == "flip" else "test_accuracy"),
             "val_accuracy": meta.get("val_accuracy"),
             "per_class_accuracy": meta.get("per_class_accuracy", {}),
             "trained_epochs": meta.get("trained_epochs"),

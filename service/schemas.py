@@ -54,6 +54,9 @@ class ModelInfo(BaseModel):
     classes: list[str]
     test_accuracy: float | None
     test_accuracy_flip_tta: float | None = None
+    served_test_accuracy: float | None = Field(
+        None, description="test accuracy of what this server answers: the flip TTA figure when it is on"
+    )
     val_accuracy: float | None
     per_class_accuracy: dict[str, float]
     trained_epochs: int | None
@@ -81,6 +84,9 @@ class Health(BaseModel):
     device: str = Field(examples=["cpu"])
     precision: str = Field(examples=["bf16"])
     precision_reason: str
+    test_time_augmentation: str = Field(
+        examples=["flip"], description="'flip': probabilities are the mean over each image and its mirror"
+    )
     model: ModelInfo
     gradcam: GradcamInfo
     batching: BatchingInfo

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         None, ge=1, le=16, description="batches run at once, one model thread each; default: 2 on a CPU, 1 on a GPU"
     )
     trace: bool = Field(True, description="run /predict's forward as one TorchScript call (CPU), GIL released")
+    tta: Literal["none", "flip"] = Field(
+        "flip",
+        description="test-time augmentation: 'flip' averages each image's probabilities with its mirror's "
+        "(the bundle's test_accuracy_flip_tta, for twice the model work); 'none' is the plain network",
+    )
 
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass")
     max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a batch waits to fill, when arrivals are due")

@@ -84,6 +84,7 @@ def make_bundle(path: Path, seed: int = 0, misclassified: int = 6) -> Path:
         "std": list(CIFAR10_STD),
         "input_size": 32,
         "test_accuracy": 0.1,
+        "test_accuracy_flip_tta": 0.125,
         "val_accuracy": 0.1,
         "per_class_accuracy": dict.fromkeys(CLASSES, 0.1),
         "precision_agreement": {"fp32": 1.0, "bf16": 1.0},
@@ -108,3 +109,14 @@ def real_test_slice(archive: Path, per_class: int) -> list[tuple[str, bytes, str
             if len(picked) == 10 and all(len(r) == per_class for r in picked.values()):
                 break
     return [row for rows in picked.values() for row in rows]
+
+
+def served_probabilities(model: torch.nn.Module, x: torch.Tensor, tta: str = "flip") -> torch.Tensor:
+    """What the service should answer for a normalised batch, written out independently of its engine:
+    softmax of the logits, averaged with the mirrored image's under flip test-time augmentation (the
+    service's default, ``CAMSERVE_TTA``)."""
+    with torch.inference_mode():
+        probabilities = model(x).float().softmax(1)
+        if tta == "flip":
+            probabilities = (probabilities + model(x.flip(3)).float().softmax(1)) / 2
+    return probabilities

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHIPPED_BUNDLE, shared_cifar_archive
-from helpers import real_test_slice
+from helpers import real_test_slice, served_probabilities
 from PIL import Image
 
 from service.app import create_app
@@ -36,13 +36,11 @@ def real_images() -> list[tuple[str, bytes, str]]:
 
 @pytest.fixture(scope="module")
 def cpu_reference(real_images):
-    """The shipped bundle on the CPU in fp32: uint8 inputs, logits, and the model itself."""
+    """The shipped bundle on the CPU in fp32: inputs, the probabilities served by default (flip TTA), the model."""
     bundle = load_bundle(SHIPPED_BUNDLE)
     images = torch.stack([image_to_uint8(Image.open(io.BytesIO(data))) for _, data, _ in real_images])
     x = Normalize(bundle.metadata["mean"], bundle.metadata["std"])(images)
-    with torch.no_grad():
-        logits = bundle.model(x)
-    return bundle, x, logits
+    return bundle, x, served_probabilities(bundle.model, x)
 
 
 @pytest.fixture
@@ -66,18 +64,18 @@ async def test_health_reports_the_gpu_and_the_precision_it_chose(client):
 
 
 async def test_gpu_predictions_agree_with_the_cpu_on_real_test_images(client, real_images, cpu_reference):
-    bundle, _, cpu_logits = cpu_reference
+    bundle, _, cpu_probabilities = cpu_reference
     served = []
     for start in range(0, len(real_images), 32):
         response = await client.post("/predict?top_k=1", files=_files(real_images[start : start + 32]))
         assert response.status_code == 200, response.text
         served += [p["top_k"][0]["index"] for p in response.json()["predictions"]]
     served_t = torch.tensor(served)
-    agreement = float((served_t == cpu_logits.argmax(1)).float().mean())
+    agreement = float((served_t == cpu_probabilities.argmax(1)).float().mean())
     assert agreement >= 0.99, agreement  # low precision on the GPU may flip a near tie, not more
     truth = torch.tensor([bundle.classes.index(label) for _, _, label in real_images])
     gpu_accuracy = float((served_t == truth).float().mean())
-    cpu_accuracy = float((cpu_logits.argmax(1) == truth).float().mean())
+    cpu_accuracy = float((cpu_probabilities.argmax(1) == truth).float().mean())
     assert abs(gpu_accuracy - cpu_accuracy) <= 0.01
 
 
@@ -88,7 +86,7 @@ async def test_gpu_gradcam_matches_the_cpu_heatmaps(client, real_images, cpu_ref
     response = await client.post("/gradcam?layer=layer2", files=_files(rows))
     assert response.status_code == 200, response.text
     results = response.json()["results"]
-    reference = grad_cam(bundle.model, x[indices], "layer2")
+    reference = grad_cam(bundle.model, x[indices], "layer2", flip_tta=True)  # default target from TTA, as served
     for result, expected in zip(results, reference.heatmaps, strict=True):
         served = np.asarray(result["heatmap"], dtype=np.float64).ravel()
         pearson = np.corrcoef(served, expected.double().numpy().ravel())[0, 1]

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import animation, encode
+from helpers import animation, encode, served_probabilities
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from serving import running_server
@@ -130,7 +130,7 @@ def single_image_probabilities(model_dir: Path, payloads: list[bytes]) -> torch.
     with torch.inference_mode():
         for i, data in enumerate(payloads):
             image = decode_image(data, f"{i}.png", max_pixels=1_000_000, max_frames=MAX_FRAMES)
-            rows.append(bundle.model(normalize(image[None])).softmax(1)[0])
+            rows.append(served_probabilities(bundle.model, normalize(image[None]))[0])
     return torch.stack(rows)
 
 

@@ -13,13 +13,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import CLASSES, animation, encode, random_image
+from helpers import CLASSES, animation, encode, random_image, served_probabilities
 from PIL import Image
 from pydantic import SecretStr, ValidationError
 
 from service.app import create_app, parallelism
+from service.gradcam import grad_cam
 from service.settings import Settings
-from service.transforms import image_to_uint8
+from service.transforms import Normalize, image_to_uint8
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -411,8 +412,57 @@ async def test_predict_runs_one_traced_call_with_eager_modes_numbers(app):
     generator = torch.Generator().manual_seed(0)
     for size in (1, 5, 8):
         images = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(size)]
-        eager = engine._logits(torch.stack(images), engine.autocast_dtype).softmax(1)
+        with torch.inference_mode():
+            eager = engine.forward(torch.stack(images))
         assert torch.equal(torch.stack(engine.predict(images)), eager)
+
+
+async def test_flip_tta_is_the_default_and_health_reports_what_is_served(client, app, bundle_dir):
+    body = (await client.get("/health")).json()
+    assert body["test_time_augmentation"] == "flip"
+    assert body["model"]["served_test_accuracy"] == body["model"]["test_accuracy_flip_tta"] == 0.125
+    bundle = app.state.camserve.bundle
+    images = [image_to_uint8(random_image(seed)) for seed in range(6)]
+    x = Normalize(bundle.metadata["mean"], bundle.metadata["std"])(torch.stack(images))
+    served = torch.stack(app.state.camserve.engine.predict(images))
+    error = (served - served_probabilities(bundle.model, x)).abs().max()
+    # The untrained test net is nearly uniform, so compare with the plain network's gap, not a fixed one.
+    assert error < 1e-5 and (served - served_probabilities(bundle.model, x, tta="none")).abs().max() > 10 * error
+    mirrored = torch.stack(app.state.camserve.engine.predict([image.flip(2) for image in images]))
+    assert torch.allclose(mirrored, served, atol=1e-5)  # an image and its mirror: the same two views
+
+
+async def test_tta_none_serves_the_plain_network(settings):
+    app = create_app(settings.model_copy(update={"tta": "none"}))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://camserve") as client:
+            body = (await client.get("/health")).json()
+            assert body["test_time_augmentation"] == "none"
+            assert body["model"]["served_test_accuracy"] == body["model"]["test_accuracy"] == 0.1
+            data = png(3)
+            response = await client.post("/predict?top_k=10", files=files(("a.png", data)))
+        bundle = app.state.camserve.bundle
+        image = image_to_uint8(Image.open(io.BytesIO(data)))
+        x = Normalize(bundle.metadata["mean"], bundle.metadata["std"])(image[None])
+        served = torch.zeros(10)
+        for entry in response.json()["predictions"][0]["top_k"]:
+            served[entry["index"]] = entry["probability"]
+        assert torch.allclose(served, served_probabilities(bundle.model, x, tta="none")[0], atol=1e-5)
+
+
+async def test_gradcam_under_flip_tta_reports_predicts_probabilities_and_the_plain_heatmap(client, app):
+    data = png(11)
+    image = image_to_uint8(Image.open(io.BytesIO(data)))
+    bundle = app.state.camserve.bundle
+    probabilities = app.state.camserve.engine.predict([image])[0]
+    target = int(probabilities.argmax())
+    response = await client.post("/gradcam?layer=layer2", files=files(("a.png", data)))
+    result = response.json()["results"][0]
+    assert result["target_index"] == target  # the default target: the TTA prediction, as /predict gives it
+    assert result["probability"] == pytest.approx(float(probabilities[target]), abs=1e-5)
+    x = Normalize(bundle.metadata["mean"], bundle.metadata["std"])(image[None])
+    plain = grad_cam(bundle.model, x, "layer2", torch.tensor([target]))  # no TTA, the same target
+    assert np.allclose(np.asarray(result["heatmap"]), plain.heatmaps[0].numpy(), atol=2e-4)  # 4 decimals served
 
 
 async def test_model_weights_never_store_gradients(client, app):

@@ -166,9 +166,17 @@
     setStatus("ready", `Ready · ${health.device} · ${health.precision}`);
 
     $("model-name").textContent = `${model.name} · ${model.architecture}`;
-    $("test-accuracy").textContent = model.test_accuracy == null ? "n/a" : pct(model.test_accuracy);
-    $("test-accuracy-extra").textContent =
-      model.test_accuracy_flip_tta == null ? "" : ` · ${pct(model.test_accuracy_flip_tta)} with flip TTA`;
+    // The headline is what this server answers with; the other figure says what TTA adds or costs.
+    const flip = health.test_time_augmentation === "flip";
+    const served = model.served_test_accuracy ?? model.test_accuracy;
+    $("test-accuracy").textContent = served == null ? "n/a" : pct(served);
+    if (flip && model.test_accuracy != null) {
+      $("test-accuracy-extra").textContent = ` · with flip TTA (${pct(model.test_accuracy)} without)`;
+    } else if (!flip && model.test_accuracy_flip_tta != null) {
+      $("test-accuracy-extra").textContent = ` · ${pct(model.test_accuracy_flip_tta)} with flip TTA`;
+    } else {
+      $("test-accuracy-extra").textContent = "";
+    }
 
     const facts = [
       ["Parameters", `${model.parameters.toLocaleString("en-US")} (${(model.parameters / 1e6).toFixed(2)} M)`],
