@@ -219,8 +219,12 @@ def markdown(result: dict) -> str:
         f" · torch {machine['torch']} · load average at start {machine['load_average_at_start'][0]:.2f}",
         "",
         f"Precision **{result['precision']}** ({result['precision_reason']}); every target ran at it. "
-        f"Test-time augmentation: {result.get('tta') or 'none'} (camserve's default is flip; LitServe and the "
-        "ceiling run the plain network, so the comparisons use the same network work everywhere).",
+        + (
+            f"camserve's test-time augmentation: {result['tta']} (its default is flip; LitServe and the ceiling"
+            " run the plain network, so the comparisons use the same network work everywhere)."
+            if "tta" in result
+            else "This run predates camserve's test-time augmentation: every target ran the plain network."
+        ),
         f"Batching: {result['batching']}. Model: {model['name']} ({model['version'][:12]}),"
         f" test accuracy {model['test_accuracy']}.",
         f"LitServe: {result.get('litserve')}. Versions: {result.get('versions')}.",
