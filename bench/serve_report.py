@@ -25,6 +25,8 @@ LABELS = {
 GOAL_C32_IMAGES = 800.0
 GOAL_C32_SHARE = 0.73  # the 800 img/s goal as a share of the ceiling: what counts on another CPU
 GOAL_C32_P99_MS = 100.0
+# The issue's in-process ceiling at batch 32 on its machine: the scale for translating its latency goal.
+ISSUE_CEILING_IMAGES = 1100.0
 GOAL_VS_UNBATCHED_C32 = 4.0
 GOAL_GRADCAM_SHARE = 0.40
 GOAL_BULK_SHARE = 0.85
@@ -92,6 +94,9 @@ def goal_rows(result: dict) -> list[tuple[str, str, bool | None]]:
     predict32 = find(points, "camserve", "/predict", 32)
     bulk = rate(points, "camserve", "/predict", result["settings"]["bulk_concurrency"], batch)
     vs_litserve = [row["vs_litserve"] for row in by_c.values() if row["vs_litserve"] is not None]
+    ceiling32 = rate(points, "ceiling", "in-process", images=batch)
+    p99_32 = predict32["p99_ms"] if predict32 else None
+    scaled_p99 = p99_32 * ceiling32 / ISSUE_CEILING_IMAGES if p99_32 is not None and ceiling32 else None
     goals: list[tuple[str, float | None, Callable[[float], bool], Callable[[float | None], str]]] = [
         (
             f"/predict c=32 ≥ {GOAL_C32_IMAGES:.0f} img/s (on 2 CPU cores)",
@@ -108,6 +113,15 @@ def goal_rows(result: dict) -> list[tuple[str, str, bool | None]]:
         (
             f"/predict c=32 p99 ≤ {GOAL_C32_P99_MS:.0f} ms",
             predict32["p99_ms"] if predict32 else None,
+            lambda v: v <= GOAL_C32_P99_MS,
+            _ms,
+        ),
+        (
+            # A latency in units of the machine's own speed: the p99 this run would have had on the
+            # issue's machine, whose bare model is ISSUE_CEILING_IMAGES / ceiling times faster.
+            f"/predict c=32 p99 ≤ {GOAL_C32_P99_MS:.0f} ms, scaled by the ceiling"
+            f" (p99 × this run's ceiling ÷ the issue's {ISSUE_CEILING_IMAGES:,.0f} img/s)",
+            scaled_p99,
             lambda v: v <= GOAL_C32_P99_MS,
             _ms,
         ),
@@ -138,7 +152,7 @@ def goal_rows(result: dict) -> list[tuple[str, str, bool | None]]:
         ),
         (
             f"bulk ({batch}/request) ≥ {GOAL_BULK_SHARE:.0%} of the ceiling at batch {batch}",
-            ratio(bulk, rate(points, "ceiling", "in-process", images=batch)),
+            ratio(bulk, ceiling32),
             lambda v: v >= GOAL_BULK_SHARE,
             _pct,
         ),

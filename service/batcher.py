@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -182,12 +183,25 @@ class DynamicBatcher(Generic[Payload, Result]):
                     item.future.cancel()
 
     # -- the worker ------------------------------------------------------------------------------
-    def _take_ready(self, batch: list[_Item[Payload]]) -> None:
-        while len(batch) < self.max_batch_size:
+    def _take_ready(self, batch: list[_Item[Payload]], idle_lanes: int = 0) -> None:
+        """Move queued images into ``batch``: up to ``max_batch_size``, or while ``idle_lanes`` other
+        lanes of this batcher wait for work, only this lane's even share of what is queued.
+
+        Taking everything would leave the idle lanes nothing: one lane then runs a large batch on its
+        one core while the other core idles, and every image in it waits for the whole batch.
+        """
+        limit = self.max_batch_size
+        if idle_lanes > 0:
+            limit = min(limit, max(1, math.ceil((len(batch) + len(self._queue)) / (1 + idle_lanes))))
+        while len(batch) < limit:
             try:
                 batch.append(self._queue.popleft())
             except IndexError:
                 return
+
+    def _idle_lanes(self, me_running: bool) -> int:
+        """Lanes of this batcher waiting for work, not counting the caller's own."""
+        return max(0, self.lanes - self._running - (0 if me_running else 1))
 
     async def _next_arrival(self, timeout_s: float | None = None) -> bool:
         """Wait until something is queued; False if ``timeout_s`` passed first."""
@@ -203,9 +217,11 @@ class DynamicBatcher(Generic[Payload, Result]):
     async def _collect(self) -> list[_Item[Payload]]:
         await self._next_arrival()
         batch: list[_Item[Payload]] = []
-        self._take_ready(batch)
-        if len(batch) < self.max_batch_size and self._gap_ewma_s < self.max_wait_s:
-            # Dense arrivals: wait a little for more, but stop at the first pause in the stream.
+        idle_lanes = self._idle_lanes(me_running=False)
+        self._take_ready(batch, idle_lanes)
+        if idle_lanes == 0 and len(batch) < self.max_batch_size and self._gap_ewma_s < self.max_wait_s:
+            # Every other lane is busy and arrivals are dense: wait a little for more, but stop at the
+            # first pause in the stream. (With a lane idle, waiting would only keep work from it.)
             deadline = time.perf_counter() + self.max_wait_s
             pause = min(self.max_wait_s, 2.0 * self._gap_ewma_s)
             while len(batch) < self.max_batch_size:
@@ -268,7 +284,7 @@ class DynamicBatcher(Generic[Payload, Result]):
             if self._stopping or not self._executor_idle():
                 return
             batch = []
-            self._take_ready(batch)
+            self._take_ready(batch, self._idle_lanes(me_running=True))
 
     def _deliver(
         self,

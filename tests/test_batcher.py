@@ -169,6 +169,18 @@ async def test_two_lanes_run_two_batches_at_once():
         await batcher.stop()
 
 
+async def test_idle_lanes_share_the_queue_evenly():
+    # Ten images queued at once with both lanes idle: each lane takes five, rather than one lane
+    # taking a full batch of eight and the other the remaining two.
+    model = FakeModel()
+    with ModelThreads(2) as pool:
+        batcher, stats = make(model, pool, max_batch_size=8, lanes=2)
+        assert await batcher.submit(list(range(10)), timeout_s=5) == [2 * i for i in range(10)]
+        await batcher.stop()
+    assert sorted(s.size for s in stats) == [5, 5]
+    assert sorted(x for batch in model.batches for x in batch) == list(range(10))
+
+
 def test_model_threads_count_the_calls_waiting_for_a_thread():
     release = threading.Event()
     with ModelThreads(1) as pool:
