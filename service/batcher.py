@@ -9,6 +9,8 @@ The loop follows LitServe's and Ray Serve's shape with BentoML's adaptive wait:
 * the model runs on dedicated threads ("lanes", the executor's workers), off the event loop, which
   keeps parsing requests; with ``lanes`` > 1 that many batches run at once (see
   :func:`service.app.parallelism` for why a 2-core CPU wants two single-threaded lanes);
+* a lane takes only its even share of what is queued while other lanes wait for work, so that
+  a burst runs on all cores at once rather than as one large batch on one;
 * back to back: when a batch ends and more images are queued, its model thread takes them and runs
   them at once, without a round trip through the event loop (which, busy with HTTP, answered the
   hand-off several milliseconds late, during which the model sat idle); it hands the thread back

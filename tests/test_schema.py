@@ -35,6 +35,7 @@ def service_settings(model_dir: Path) -> Settings:
     return Settings(
         model_dir=model_dir,
         precision="fp32",
+        max_batch_size=4,  # a short start-up (trace and warm-up) for the app each test makes
         max_files=4,
         max_upload_bytes=256 * 1024,
         max_image_pixels=1_000_000,

@@ -27,9 +27,12 @@ CORES = len(os.sched_getaffinity(0))
 
 @pytest.fixture
 def settings(bundle_dir: Path) -> Settings:
+    # Batches of 4 keep each app's start-up short (its trace and warm-up run at the batch size) and
+    # make the larger requests span several batches.
     return Settings(
         model_dir=bundle_dir,
         precision="fp32",
+        max_batch_size=4,
         max_files=8,
         max_upload_bytes=2_000_000,
         max_image_pixels=1_000_000,
