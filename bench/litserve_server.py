@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service.bundle import load_bundle
-from service.engine import AUTOCAST_DTYPES
+from service.engine import AUTOCAST_DTYPES, with_weights_in
 from service.images import decode_image
 from service.transforms import Normalize
 
@@ -48,6 +48,8 @@ class CifarAPI(ls.LitAPI):
         self.model = bundle.model.to(device=self.torch_device, memory_format=torch.channels_last).eval()
         self.normalize = Normalize(bundle.metadata["mean"], bundle.metadata["std"]).to(self.torch_device)
         self.dtype = AUTOCAST_DTYPES[self.precision]
+        if self.dtype is not None:  # conv/linear weights stored in the autocast dtype, as camserve's engine does
+            self.model = with_weights_in(self.model, self.dtype)
         self._warm_up()
 
     def _warm_up(self) -> None:

@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_report, also u
 from serve_report import write_reports
 
 from service.bundle import load_bundle
-from service.engine import AUTOCAST_DTYPES, resolve_device
+from service.engine import AUTOCAST_DTYPES, resolve_device, with_weights_in
 from service.images import decode_image
 from service.transforms import Normalize
 
@@ -407,13 +407,16 @@ def ceiling(
     model_dir: Path, precision: str, images: list[tuple[str, bytes]], sizes: list[int], seconds: float
 ) -> list[Point]:
     """The model alone, as the server's engine runs it (uint8 in, Normalize, channels_last,
-    inference_mode, autocast at the served precision, probabilities back on the CPU) on batches
+    inference_mode, autocast at the served precision with the weights already in its dtype,
+    probabilities back on the CPU) on batches
     decoded once up front: no HTTP, no decoding, no queue. One point per batch size."""
     bundle = load_bundle(model_dir)
     device = resolve_device("auto")
     model = bundle.model.to(device=device, memory_format=torch.channels_last).eval()
     normalize = Normalize(bundle.metadata["mean"], bundle.metadata["std"]).to(device)
     dtype = AUTOCAST_DTYPES[precision]
+    if dtype is not None:  # conv/linear weights stored in the autocast dtype, as the engine does
+        model = with_weights_in(model, dtype)
     decoded = [decode_image(data, name, max_pixels=25_000_000) for name, data in images]
     points = []
     for size in sizes:

@@ -6,6 +6,7 @@ loop, and never two batches at once.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -52,6 +53,20 @@ class _Forward(torch.nn.Module):
             original, mirrored = probabilities.chunk(2)
             probabilities = (original + mirrored) / 2
         return probabilities
+
+
+def with_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` whose conv and linear weights are stored in ``dtype``, the rest as it was.
+
+    Autocast casts exactly these weights to its dtype on every call (its cast cache lasts one
+    autocast region); for a lone image that cast was a fifth of the forward pass on a CPU (7.7 ms
+    against 6.3 ms). Cast once here, with the same rounding, the outputs are bit for bit the same.
+    """
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+    return model
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,8 @@ class InferenceEngine:
         self.batch_size = batch_size
         self.precision, self.precision_reason = self._choose_precision(precision)
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
+        if self.autocast_dtype is not None:
+            self.model = with_weights_in(self.model, self.autocast_dtype)
         self.forward = _Forward(self.normalize, self.model, device.type, self.autocast_dtype, tta == "flip").eval()
         self.traced, self.trace_reason = self._trace() if trace else (None, "off (CAMSERVE_TRACE=false)")
 

@@ -18,6 +18,8 @@ from PIL import Image
 from pydantic import SecretStr, ValidationError
 
 from service.app import create_app, parallelism
+from service.bundle import load_bundle
+from service.engine import GradcamJob, InferenceEngine, _Forward
 from service.gradcam import grad_cam
 from service.settings import Settings
 from service.transforms import Normalize, image_to_uint8
@@ -418,6 +420,22 @@ async def test_predict_runs_one_traced_call_with_eager_modes_numbers(app):
         with torch.inference_mode():
             eager = engine.forward(torch.stack(images))
         assert torch.equal(torch.stack(engine.predict(images)), eager)
+
+
+def test_bf16_weights_cast_once_give_autocasts_numbers_bit_for_bit(bundle_dir: Path):
+    """The engine stores conv/linear weights in bf16 instead of autocast casting them every call."""
+    bundle = load_bundle(bundle_dir)
+    engine = InferenceEngine(bundle, torch.device("cpu"), "bf16", batch_size=4, trace=True, tta="flip")
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16, torch.float32}
+    assert {p.dtype for p in bundle.model.parameters()} == {torch.float32}  # the bundle's copy is left alone
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(5)]
+    autocast_only = _Forward(engine.normalize, bundle.model, "cpu", torch.bfloat16, flip_tta=True).eval()
+    with torch.inference_mode():
+        assert torch.equal(torch.stack(engine.predict(images)), autocast_only(torch.stack(images)))
+    rows = engine.gradcam([GradcamJob(image, "layer2", None) for image in images])
+    reference = grad_cam(bundle.model, engine.normalize(torch.stack(images)), "layer2", None, torch.bfloat16, True)
+    assert torch.equal(torch.stack([row.heatmap for row in rows]), reference.heatmaps)
 
 
 async def test_flip_tta_is_the_default_and_health_reports_what_is_served(client, app, bundle_dir):
