@@ -408,8 +408,8 @@ def ceiling(
 ) -> list[Point]:
     """The model alone, as the server's engine runs it (uint8 in, Normalize, channels_last,
     inference_mode, autocast at the served precision with the weights already in its dtype,
-    probabilities back on the CPU) on batches
-    decoded once up front: no HTTP, no decoding, no queue. One point per batch size."""
+    probabilities back on the CPU) on batches decoded once up front: no HTTP, no decoding, no
+    queue. One point per batch size."""
     bundle = load_bundle(model_dir)
     device = resolve_device("auto")
     model = bundle.model.to(device=device, memory_format=torch.channels_last).eval()
