@@ -154,14 +154,15 @@ class InferenceEngine:
             reason += "; not eligible: " + ", ".join(skipped)
         return best, reason
 
+    @torch.inference_mode()
     def _time_forward(self, mode: str, repeats: int = 3) -> float:
         x = torch.zeros(self.batch_size, 3, 32, 32, dtype=torch.uint8, device=self.device)
-        dtype = AUTOCAST_DTYPES[mode]
+        forward = _Forward(self.normalize, self.model, self.device.type, AUTOCAST_DTYPES[mode]).eval()
         best = float("inf")
         for i in range(repeats + 1):
             self._sync()
             started = time.perf_counter()
-            self._logits(x, dtype)
+            forward(x)
             self._sync()
             if i:  # the first call pays one-off kernel selection
                 best = min(best, time.perf_counter() - started)
@@ -201,12 +202,6 @@ class InferenceEngine:
         return traced, "on"
 
     # -- batch functions -------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _logits(self, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        x = self.normalize(images.to(self.device, non_blocking=True))
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return self.model(x).float()
-
     def predict(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Probabilities (softmax of the logits; with flip TTA, averaged over the two views) per image."""
         batch = torch.stack(images).to(self.device, non_blocking=True)
