@@ -1,8 +1,9 @@
 """The peer in ``serve_bench.py``: the same network served by LitServe with LitServe's own batching.
 
 Everything a fair comparison needs is shared with camserve: the bundle (``load_bundle``), the
-upload decoding (``service.images.decode_image``, so preprocessing is byte-for-byte the same),
-``Normalize``, channels_last and the autocast precision. Only the serving machinery differs.
+upload decoding (``service.images.decode_image``, so preprocessing is byte-for-byte the same), and
+the one forward recipe (``camcore.forward.ServedForward``: normalisation, channels_last, precision,
+no TTA). Only the serving machinery differs.
 Requests are multipart with a field ``files`` holding one image, like a single-image camserve
 ``/predict``; the answer has the same shape (top 3 per image).
 
@@ -24,10 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.bundle import load_bundle
-from service.engine import AUTOCAST_DTYPES, with_weights_in
+from camcore.bundle import load_bundle
+from camcore.forward import AUTOCAST_DTYPES, ServedForward
 from service.images import decode_image
-from service.transforms import Normalize
 
 MAX_IMAGE_PIXELS = 25_000_000  # camserve's default limit
 TOP_K = 3  # camserve's default top_k
@@ -45,11 +45,8 @@ class CifarAPI(ls.LitAPI):
         bundle = load_bundle(self.model_dir)
         self.torch_device = torch.device(device)  # not `self.device`: LitServe resets that to a string
         self.classes = bundle.classes
-        self.model = bundle.model.to(device=self.torch_device, memory_format=torch.channels_last).eval()
-        self.normalize = Normalize(bundle.metadata["mean"], bundle.metadata["std"]).to(self.torch_device)
-        self.dtype = AUTOCAST_DTYPES[self.precision]
-        if self.dtype is not None:  # conv/linear weights stored in the autocast dtype, as camserve's engine does
-            self.model = with_weights_in(self.model, self.dtype)
+        bundle.model.to(device=self.torch_device, memory_format=torch.channels_last)
+        self.forward = ServedForward.from_bundle(bundle, precision=self.precision).eval()
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -59,9 +56,7 @@ class CifarAPI(ls.LitAPI):
 
     @torch.inference_mode()
     def _probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(images.to(self.torch_device, non_blocking=True))
-        with torch.autocast(self.torch_device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            return self.model(x).float().softmax(1).cpu()
+        return self.forward(images.to(self.torch_device, non_blocking=True)).cpu()
 
     def decode_request(self, request):  # unannotated on purpose: LitServe then passes the parsed form
         upload = request.getlist("files")[0]

@@ -59,10 +59,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_report, also u
 
 from serve_report import write_reports
 
-from service.bundle import load_bundle
-from service.engine import AUTOCAST_DTYPES, resolve_device, with_weights_in
+from camcore.bundle import load_bundle
+from camcore.forward import AUTOCAST_DTYPES, ServedForward
+from service.engine import resolve_device
 from service.images import decode_image
-from service.transforms import Normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -406,17 +406,13 @@ def format_point(point: Point) -> str:
 def ceiling(
     model_dir: Path, precision: str, images: list[tuple[str, bytes]], sizes: list[int], seconds: float
 ) -> list[Point]:
-    """The model alone, as the server's engine runs it (uint8 in, Normalize, channels_last,
-    inference_mode, autocast at the served precision with the weights already in its dtype,
-    probabilities back on the CPU) on batches decoded once up front: no HTTP, no decoding, no
-    queue. One point per batch size."""
+    """The model alone, through the one forward recipe the server's engine runs (uint8 in, the
+    served precision, no TTA, probabilities back on the CPU) on batches decoded once up front: no
+    HTTP, no decoding, no queue. One point per batch size."""
     bundle = load_bundle(model_dir)
     device = resolve_device("auto")
-    model = bundle.model.to(device=device, memory_format=torch.channels_last).eval()
-    normalize = Normalize(bundle.metadata["mean"], bundle.metadata["std"]).to(device)
-    dtype = AUTOCAST_DTYPES[precision]
-    if dtype is not None:  # conv/linear weights stored in the autocast dtype, as the engine does
-        model = with_weights_in(model, dtype)
+    bundle.model.to(device=device, memory_format=torch.channels_last)
+    forward = ServedForward.from_bundle(bundle, precision=precision).eval()
     decoded = [decode_image(data, name, max_pixels=25_000_000) for name, data in images]
     points = []
     for size in sizes:
@@ -424,9 +420,7 @@ def ceiling(
 
         @torch.inference_mode()
         def step(batch: torch.Tensor = batch) -> None:
-            x = normalize(batch.to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                model(x).float().softmax(1).cpu()  # .cpu() waits for the GPU, as the server does
+            forward(batch.to(device, non_blocking=True)).cpu()  # .cpu() waits for the GPU, as the server does
 
         timed_loop(step, min(1.0, seconds))  # warm-up: kernel selection, allocator growth
         points.append(latency_point("ceiling", "in-process", size, timed_loop(step, seconds)))

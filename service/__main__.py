@@ -8,8 +8,8 @@ import sys
 
 import uvicorn
 
+from camcore.bundle import BundleError, load_bundle
 from service.app import create_app
-from service.bundle import BundleError, load_bundle
 from service.settings import Settings
 
 

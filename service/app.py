@@ -9,7 +9,6 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import torch
 from fastapi import FastAPI, Request
@@ -18,35 +17,19 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from camcore.bundle import Bundle, load_bundle
+from camcore.network import block_geometry
 from service.batcher import DynamicBatcher, ModelThreads
-from service.bundle import Bundle, load_bundle
-from service.engine import GradcamJob, GradcamRow, InferenceEngine, resolve_device
+from service.engine import InferenceEngine, resolve_device
 from service.images import ImageRejected
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimit, BodyTimeout, BodyTooLarge, RequestContext
-from service.network import block_geometry
+from service.routes import router
 from service.settings import Settings
+from service.state import ServiceState
 from service.web import mount_static
 
 log = logging.getLogger("camserve")
-
-
-@dataclass
-class ServiceState:
-    """Everything the routes need; created by the factory, filled in by the lifespan."""
-
-    settings: Settings
-    metrics: ServiceMetrics
-    bundle: Bundle | None = None
-    engine: InferenceEngine | None = None
-    predict_batcher: DynamicBatcher[torch.Tensor, torch.Tensor] | None = None
-    gradcam_batcher: DynamicBatcher[GradcamJob, GradcamRow] | None = None
-    misclassified: list[dict] = field(default_factory=list)
-    layers: list[dict] = field(default_factory=list)  # Grad-CAM targets and their geometry, for /health
-    lanes: int = 1  # batches that can run at once, each on its own model thread
-    torch_threads: int = 1  # intra-op threads per batch
-    ready: bool = False
-    draining: bool = False
 
 
 def parallelism(settings: Settings, device: torch.device) -> tuple[int, int | None]:
@@ -193,8 +176,6 @@ def _error_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
     """Build the service. ``bundle`` lets a caller that already loaded (and validated) it skip a reload."""
-    from service.routes import router  # routes import this module's ServiceState
-
     settings = settings or Settings()
     metrics = ServiceMetrics()
     app = FastAPI(

@@ -7,75 +7,27 @@ Grad-CAM splits the network by block rather than hooking it).
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from service.bundle import Bundle
-from service.gradcam import grad_cam
-from service.transforms import Normalize
+from camcore.bundle import Bundle
+from camcore.cam import class_activation_maps
+from camcore.forward import AUTOCAST_DTYPES, Precision, ServedForward, TestTimeAugmentation
 
 log = logging.getLogger("camserve.engine")
 
-TestTimeAugmentation = Literal["none", "flip"]
-AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_AGREEMENT = 0.995  # top-1 agreement with fp32 on the test set a faster mode must keep
-
-
-class _Forward(torch.nn.Module):
-    """uint8 images -> float32 probabilities: normalisation, autocast, the network, softmax and, with
-    flip test-time augmentation, the mean over each image and its mirror; one module to trace."""
-
-    def __init__(
-        self,
-        normalize: torch.nn.Module,
-        model: torch.nn.Module,
-        device_type: str,
-        dtype: torch.dtype | None,
-        flip_tta: bool = False,
-    ):
-        super().__init__()
-        self.normalize, self.model = normalize, model
-        self.device_type, self.dtype, self.flip_tta = device_type, dtype, flip_tta
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(images)
-        if self.flip_tta:  # one pass over both views: a batch twice the size, not two passes
-            x = torch.cat([x, x.flip(3)])
-        with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            logits = self.model(x).float()
-        probabilities = logits.softmax(1)  # outside autocast: always in fp32
-        if self.flip_tta:
-            original, mirrored = probabilities.chunk(2)
-            probabilities = (original + mirrored) / 2
-        return probabilities
-
-
-def with_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of ``model`` whose conv and linear parameters are stored in ``dtype``, the rest as it was.
-
-    Autocast casts exactly these to its dtype on every call (its cast cache lasts one autocast
-    region); for a lone image that cast was a fifth of the forward pass on a CPU (7.7 ms against
-    6.3 ms). Cast once here, with the same rounding, the outputs are bit for bit the same.
-    """
-    model = copy.deepcopy(model)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
-            for name, parameter in list(module.named_parameters(recurse=False)):
-                setattr(module, name, torch.nn.Parameter(parameter.detach().to(dtype), requires_grad=False))
-    return model
 
 
 @dataclass(frozen=True)
 class GradcamJob:
     image: torch.Tensor  # uint8 (3, H, W)
     layer: str
-    target: int | None
+    target: int | None  # None: explain the predicted class
 
 
 @dataclass(frozen=True)
@@ -103,6 +55,8 @@ def low_precision_modes(device: torch.device) -> list[str]:
 
 
 class InferenceEngine:
+    """One bundle on one device at its serving precision: the batch functions the batchers call."""
+
     def __init__(
         self,
         bundle: Bundle,
@@ -116,13 +70,10 @@ class InferenceEngine:
         self.tta = tta
         self.device = device
         self.model = bundle.model.to(device=device, memory_format=torch.channels_last).eval()
-        self.normalize = Normalize(bundle.metadata["mean"], bundle.metadata["std"]).to(device)
         self.batch_size = batch_size
         self.precision, self.precision_reason = self._choose_precision(precision)
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
-        if self.autocast_dtype is not None:
-            self.model = with_weights_in(self.model, self.autocast_dtype)
-        self.forward = _Forward(self.normalize, self.model, device.type, self.autocast_dtype, tta == "flip").eval()
+        self.forward = ServedForward.from_bundle(bundle, precision=self.precision, tta=tta).eval()
         self.traced, self.trace_reason = self._trace() if trace else (None, "off (CAMSERVE_TRACE=false)")
 
     @property
@@ -155,9 +106,9 @@ class InferenceEngine:
         return best, reason
 
     @torch.inference_mode()
-    def _time_forward(self, mode: str, repeats: int = 3) -> float:
+    def _time_forward(self, mode: Precision, repeats: int = 3) -> float:
         x = torch.zeros(self.batch_size, 3, 32, 32, dtype=torch.uint8, device=self.device)
-        forward = _Forward(self.normalize, self.model, self.device.type, AUTOCAST_DTYPES[mode]).eval()
+        forward = ServedForward.from_bundle(self.bundle, precision=mode).eval()
         best = float("inf")
         for i in range(repeats + 1):
             self._sync()
@@ -219,19 +170,10 @@ class InferenceEngine:
         for layer in dict.fromkeys(job.layer for job in jobs):
             index = [i for i, job in enumerate(jobs) if job.layer == layer]
             images = torch.stack([jobs[i].image for i in index]).to(self.device, non_blocking=True)
-            targets = torch.tensor([-1 if jobs[i].target is None else jobs[i].target for i in index])
-            out = grad_cam(
-                self.model,
-                self.normalize(images),
-                layer,
-                targets.to(self.device),
-                self.autocast_dtype,
-                flip_tta=self.tta == "flip",
-            )
-            probabilities = out.probabilities.cpu()
-            heatmaps = out.heatmaps.cpu()
+            out = class_activation_maps(self.forward, images, layer, [jobs[i].target for i in index])
+            probabilities, heatmaps, targets = out.probabilities.cpu(), out.heatmaps.cpu(), out.targets.tolist()
             for row, i in enumerate(index):
-                rows[i] = GradcamRow(heatmaps[row], probabilities[row], int(out.targets[row]))
+                rows[i] = GradcamRow(heatmaps[row], probabilities[row], targets[row])
         return [row for row in rows if row is not None]
 
     def warm_up(self) -> None:
@@ -239,4 +181,4 @@ class InferenceEngine:
         image = torch.zeros(3, 32, 32, dtype=torch.uint8)
         for size in (1, self.batch_size):
             self.predict([image] * size)
-        self.gradcam([GradcamJob(image, "layer2", None)] * min(self.batch_size, 8))
+        self.gradcam([GradcamJob(image, self.bundle.default_cam_layer, None)] * min(self.batch_size, 8))

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from camcore.preprocess import image_to_uint8
 from service.settings import DEFAULT_MAX_IMAGE_FRAMES
-from service.transforms import image_to_uint8
 
 SUPPORTED_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF"}
 

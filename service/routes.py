@@ -11,10 +11,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.app import ServiceState
 from service.batcher import BatchFailed, DynamicBatcher, QueueFull, ShuttingDown
 from service.engine import GradcamJob
-from service.gradcam import overlay, png_base64, png_bytes
+from service.render import colormap_lut, overlay, png_base64, png_bytes
 from service.schemas import (
     ErrorResponse,
     GradcamResponse,
@@ -23,6 +22,7 @@ from service.schemas import (
     PredictResponse,
     ValidationErrorResponse,
 )
+from service.state import ServiceState
 from service.uploads import MULTIPART_OPENAPI, decode_uploads, read_uploads
 from service.web import STATIC_DIR
 
@@ -132,7 +132,9 @@ async def predict(
 
 
 def _resolve_target(target: str | None, classes: list[str]) -> int | None:
-    if target is None or target == "":
+    """The query's ``target`` as a class index; ``None`` (absent or empty) means the predicted class,
+    and stays ``None`` all the way to the CAM code, which resolves it per image."""
+    if not target:
         return None
     # isdecimal, not isdigit: "²" is a digit that int() refuses, and that would be a 500.
     if target.lstrip("-").isdecimal() and target.count("-") <= 1:
@@ -157,14 +159,14 @@ def _resolve_target(target: str | None, classes: list[str]) -> int | None:
 async def gradcam(
     request: Request,
     state: State,
-    layer: Annotated[str | None, Query(description="named block; default from the bundle (layer2)")] = None,
+    layer: Annotated[str | None, Query(description="named block; default: the bundle's (/health)")] = None,
     target: Annotated[str | None, Query(description="class label or index; default: the predicted class")] = None,
     opacity: Annotated[float, Query(ge=0.0, le=1.0, description="heatmap opacity in the overlay")] = 0.5,
     format: Annotated[Literal["json", "png"], Query(description="png: the overlay image (one file only)")] = "json",
 ) -> Any:
     classes = state.bundle.classes
     layers = list(state.engine.model.blocks)
-    layer = layer or state.bundle.metadata.get("gradcam", {}).get("default_layer", "layer2")
+    layer = layer or state.bundle.default_cam_layer
     if layer not in layers:
         raise HTTPException(422, f"unknown layer {layer!r}; valid layers: {layers}")
     target_index = _resolve_target(target, classes)
@@ -224,7 +226,8 @@ async def health(state: State) -> dict[str, Any]:
         },
         "gradcam": {
             "layers": state.layers,
-            "default_layer": meta.get("gradcam", {}).get("default_layer", "layer2"),
+            "default_layer": state.bundle.default_cam_layer,
+            "colormap": colormap_lut(),
         },
         "batching": {
             "max_batch_size": settings.max_batch_size,

@@ -68,6 +68,9 @@ class ModelInfo(BaseModel):
 class GradcamInfo(BaseModel):
     layers: list[LayerInfo]
     default_layer: str
+    colormap: list[list[int]] = Field(
+        description="256 RGB colours: heatmap value v is drawn as colormap[round(255 v)] (viridis)"
+    )
 
 
 class BatchingInfo(BaseModel):

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.bundle import MISCLASSIFIED_DIR, write_bundle
-from service.network import block_geometry, build_network
-from service.transforms import CIFAR10_MEAN, CIFAR10_STD
+from camcore.bundle import MISCLASSIFIED_DIR, write_bundle
+from camcore.network import block_geometry, build_network
+from camcore.preprocess import CIFAR10_MEAN, CIFAR10_STD
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

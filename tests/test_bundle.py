@@ -14,7 +14,7 @@ import torch
 from helpers import make_bundle
 from safetensors.torch import save_file
 
-from service.bundle import METADATA_FILE, WEIGHTS_FILE, BundleError, load_bundle, sha256_of
+from camcore.bundle import METADATA_FILE, WEIGHTS_FILE, BundleError, load_bundle, sha256_of
 
 
 @pytest.fixture

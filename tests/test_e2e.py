@@ -15,8 +15,8 @@ from helpers import encode, random_image, real_test_slice, served_probabilities
 from PIL import Image
 from serving import running_server
 
-from service.bundle import load_bundle
-from service.transforms import Normalize, image_to_uint8
+from camcore.bundle import load_bundle
+from camcore.preprocess import Normalize, image_to_uint8
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,12 @@ from conftest import SHIPPED_BUNDLE, shared_cifar_archive
 from helpers import real_test_slice, served_probabilities
 from PIL import Image
 
+from camcore.bundle import load_bundle
+from camcore.cam import class_activation_maps
+from camcore.forward import ServedForward
+from camcore.preprocess import Normalize, image_to_uint8
 from service.app import create_app
-from service.bundle import load_bundle
-from service.gradcam import grad_cam
 from service.settings import Settings
-from service.transforms import Normalize, image_to_uint8
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -40,7 +41,7 @@ def cpu_reference(real_images):
     bundle = load_bundle(SHIPPED_BUNDLE)
     images = torch.stack([image_to_uint8(Image.open(io.BytesIO(data))) for _, data, _ in real_images])
     x = Normalize(bundle.metadata["mean"], bundle.metadata["std"])(images)
-    return bundle, x, served_probabilities(bundle.model, x)
+    return bundle, images, served_probabilities(bundle.model, x)
 
 
 @pytest.fixture
@@ -80,13 +81,14 @@ async def test_gpu_predictions_agree_with_the_cpu_on_real_test_images(client, re
 
 
 async def test_gpu_gradcam_matches_the_cpu_heatmaps(client, real_images, cpu_reference):
-    bundle, x, _ = cpu_reference
+    bundle, images, _ = cpu_reference
     rows = real_images[::50][:10]  # one image of each class
     indices = list(range(0, len(real_images), 50))[:10]
     response = await client.post("/gradcam?layer=layer2", files=_files(rows))
     assert response.status_code == 200, response.text
     results = response.json()["results"]
-    reference = grad_cam(bundle.model, x[indices], "layer2", flip_tta=True)  # default target from TTA, as served
+    served_recipe = ServedForward.from_bundle(bundle, tta="flip")  # default target from TTA, as served
+    reference = class_activation_maps(served_recipe, images[indices], "layer2", [None] * len(indices))
     for result, expected in zip(results, reference.heatmaps, strict=True):
         served = np.asarray(result["heatmap"], dtype=np.float64).ravel()
         pearson = np.corrcoef(served, expected.double().numpy().ravel())[0, 1]

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from service.bundle import load_bundle
-from service.gradcam import colorize, grad_cam, overlay
-from service.transforms import Normalize
+from camcore.bundle import load_bundle
+from camcore.cam import class_activation_maps
+from camcore.forward import ServedForward
+from service.render import colorize, overlay
 
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
@@ -28,11 +29,12 @@ def _model_and_images(bundle_dir: Path, count: int = 8):
     if misclassified:
         from PIL import Image
 
-        from service.transforms import image_to_uint8
+        from camcore.preprocess import image_to_uint8
 
         real = [image_to_uint8(Image.open(bundle.path / m["file"])) for m in misclassified[:count]]
         images[: len(real)] = torch.stack(real)
-    return bundle.model, Normalize(bundle.metadata["mean"], bundle.metadata["std"])(images)
+    forward = ServedForward.from_bundle(bundle)
+    return forward, images, forward.normalize(images)
 
 
 def _reference(model, x, layer: str, targets: list[int]) -> np.ndarray:
@@ -43,10 +45,10 @@ def _reference(model, x, layer: str, targets: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("layer", ["layer1", "layer2", "layer3"])
 def test_batched_gradcam_matches_pytorch_grad_cam(bundle_dir, layer):
-    model, x = _model_and_images(bundle_dir)
-    ours = grad_cam(model, x, layer)
+    forward, images, x = _model_and_images(bundle_dir)
+    ours = class_activation_maps(forward, images, layer, [None] * len(images))
     targets = ours.targets.tolist()
-    reference = _reference(model, x, layer, targets)
+    reference = _reference(forward.model, x, layer, targets)
     assert reference.shape == tuple(ours.heatmaps.shape)
     for i in range(len(x)):
         a, b = ours.heatmaps[i].numpy().ravel(), reference[i].ravel()
@@ -56,26 +58,26 @@ def test_batched_gradcam_matches_pytorch_grad_cam(bundle_dir, layer):
 
 
 def test_each_image_gets_its_own_target(bundle_dir):
-    model, x = _model_and_images(bundle_dir, count=4)
-    targets = torch.tensor([0, 3, -1, 9])
-    batched = grad_cam(model, x, "layer2", targets)
-    predicted = model(x).argmax(1)
+    forward, images, x = _model_and_images(bundle_dir, count=4)
+    batched = class_activation_maps(forward, images, "layer2", [0, 3, None, 9])
+    with torch.no_grad():
+        predicted = forward.model(x).argmax(1)
     assert batched.targets.tolist() == [0, 3, int(predicted[2]), 9]
     for i in range(4):  # batching does not mix images: each row equals the single-image map
-        alone = grad_cam(model, x[i : i + 1], "layer2", batched.targets[i : i + 1])
+        alone = class_activation_maps(forward, images[i : i + 1], "layer2", [batched.targets.tolist()[i]])
         assert torch.allclose(alone.heatmaps[0], batched.heatmaps[i], atol=1e-4)
 
 
 def test_gradcam_leaves_weights_without_gradients(bundle_dir):
-    model, x = _model_and_images(bundle_dir, count=2)
-    grad_cam(model, x, "layer2")
-    assert all(p.grad is None for p in model.parameters())
+    forward, images, _ = _model_and_images(bundle_dir, count=2)
+    class_activation_maps(forward, images, "layer2", [None, None])
+    assert all(p.grad is None for p in forward.model.parameters())
 
 
 def test_unknown_layer_is_a_key_error(bundle_dir):
-    model, x = _model_and_images(bundle_dir, count=1)
+    forward, images, _ = _model_and_images(bundle_dir, count=1)
     with pytest.raises(KeyError, match="valid"):
-        grad_cam(model, x, "head")
+        class_activation_maps(forward, images, "head", [None])
 
 
 def test_overlay_blends_and_colormap_is_monotone_in_lightness():

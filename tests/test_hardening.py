@@ -37,9 +37,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from serving import running_server
 
-from service.bundle import MISCLASSIFIED_DIR, load_bundle, write_bundle
+from camcore.bundle import MISCLASSIFIED_DIR, load_bundle, write_bundle
+from camcore.preprocess import Normalize
 from service.images import decode_image
-from service.transforms import Normalize
 
 pytestmark = pytest.mark.slow
 

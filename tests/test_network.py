@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from service.network import CifarResNet, block_geometry, build_network, count_parameters
+from camcore.network import CifarResNet, block_geometry, build_network, count_parameters
 
 
 def test_blocks_are_named_sequentials_in_forward_order():

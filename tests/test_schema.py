@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from camcore.bundle import Bundle, load_bundle
 from service.app import create_app
-from service.bundle import Bundle, load_bundle
 from service.settings import Settings
 
 schemathesis = pytest.importorskip("schemathesis")

@@ -17,12 +17,13 @@ from helpers import CLASSES, animation, encode, random_image, served_probabiliti
 from PIL import Image
 from pydantic import SecretStr, ValidationError
 
+from camcore.bundle import load_bundle
+from camcore.cam import class_activation_maps
+from camcore.forward import ServedForward
+from camcore.preprocess import Normalize, image_to_uint8
 from service.app import create_app, parallelism
-from service.bundle import load_bundle
-from service.engine import GradcamJob, InferenceEngine, _Forward
-from service.gradcam import grad_cam
+from service.engine import GradcamJob, InferenceEngine
 from service.settings import Settings
-from service.transforms import Normalize, image_to_uint8
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -426,15 +427,21 @@ def test_bf16_weights_cast_once_give_autocasts_numbers_bit_for_bit(bundle_dir: P
     """The engine stores conv/linear weights in bf16 instead of autocast casting them every call."""
     bundle = load_bundle(bundle_dir)
     engine = InferenceEngine(bundle, torch.device("cpu"), "bf16", batch_size=4, trace=True, tta="flip")
-    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16, torch.float32}
+    assert {p.dtype for p in engine.forward.model.parameters()} == {torch.bfloat16, torch.float32}
     assert {p.dtype for p in bundle.model.parameters()} == {torch.float32}  # the bundle's copy is left alone
     generator = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(5)]
-    autocast_only = _Forward(engine.normalize, bundle.model, "cpu", torch.bfloat16, flip_tta=True).eval()
-    with torch.inference_mode():
-        assert torch.equal(torch.stack(engine.predict(images)), autocast_only(torch.stack(images)))
+    batch = torch.stack(images)
+    # Autocast alone, on the fp32 weights, written out here: it casts the weights on every call.
+    x = Normalize(bundle.metadata["mean"], bundle.metadata["std"])(batch)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        both = bundle.model(torch.cat([x, x.flip(3)])).float()
+    original, mirrored = both.softmax(1).chunk(2)
+    assert torch.equal(torch.stack(engine.predict(images)), (original + mirrored) / 2)
     rows = engine.gradcam([GradcamJob(image, "layer2", None) for image in images])
-    reference = grad_cam(bundle.model, engine.normalize(torch.stack(images)), "layer2", None, torch.bfloat16, True)
+    autocast_only = ServedForward.from_bundle(bundle, precision="bf16", tta="flip")
+    autocast_only.model = bundle.model  # the fp32 weights, cast by autocast on every call
+    reference = class_activation_maps(autocast_only, batch, "layer2", [None] * len(images))
     assert torch.equal(torch.stack([row.heatmap for row in rows]), reference.heatmaps)
 
 
@@ -481,14 +488,13 @@ async def test_gradcam_under_flip_tta_reports_predicts_probabilities_and_the_pla
     result = response.json()["results"][0]
     assert result["target_index"] == target  # the default target: the TTA prediction, as /predict gives it
     assert result["probability"] == pytest.approx(float(probabilities[target]), abs=1e-5)
-    x = Normalize(bundle.metadata["mean"], bundle.metadata["std"])(image[None])
-    plain = grad_cam(bundle.model, x, "layer2", torch.tensor([target]))  # no TTA, the same target
+    plain = class_activation_maps(ServedForward.from_bundle(bundle), image[None], "layer2", [target])  # no TTA
     assert np.allclose(np.asarray(result["heatmap"]), plain.heatmaps[0].numpy(), atol=2e-4)  # 4 decimals served
 
 
 async def test_model_weights_never_store_gradients(client, app):
     await client.post("/gradcam", files=files(("a.png", png(0))))
-    model = app.state.camserve.engine.model
+    model = app.state.camserve.engine.forward.model
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
 
 

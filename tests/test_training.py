@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.bundle import load_bundle
-from service.transforms import Normalize
+from camcore.bundle import load_bundle
+from camcore.preprocess import Normalize
 from training import data
 from training.augment import TrainTransform, cutmix, cutout, random_crop
-from training.export import export_bundle, predict_logits
+from training.export import export_bundle, view_logits
 from training.ghost_norm import GhostBatchNorm2d
 from training.module import CifarResNetModule, smoothed_nll_loss
 from training.schedule import custom_one_cycle_lr
@@ -174,7 +174,7 @@ def test_checkpoint_and_bundle_give_the_same_predictions(trained_checkpoint, tin
 
     bundle_path = export_bundle(last, tmp_path / "bundle", cache_dir=str(cache_dir), misclassified=5)
     bundle = load_bundle(bundle_path)
-    from_bundle = F.log_softmax(predict_logits(bundle.model, images), 1)
+    from_bundle = F.log_softmax(view_logits(bundle.model, images)[0], 1)
     assert torch.equal(from_bundle.argmax(1), in_memory.argmax(1))
     assert torch.allclose(from_bundle, in_memory, atol=1e-4)
 

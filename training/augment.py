@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.transforms import CIFAR10_MEAN, CIFAR10_STD, Normalize
+from camcore.preprocess import CIFAR10_MEAN, CIFAR10_STD, Normalize
 
 
 def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:

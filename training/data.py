@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from service.transforms import image_to_uint8
+from camcore.preprocess import image_to_uint8
 
 Source = Literal["folder", "torchvision"]
 SPLITS = ("train", "test")

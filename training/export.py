@@ -12,35 +12,18 @@ import torch
 from PIL import Image
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from service.bundle import MISCLASSIFIED_DIR, write_bundle
-from service.network import block_geometry
-from service.transforms import CIFAR10_MEAN, CIFAR10_STD, Normalize
+from camcore.bundle import MISCLASSIFIED_DIR, write_bundle
+from camcore.forward import Precision, ServedForward, in_batches
+from camcore.network import block_geometry
+from camcore.preprocess import CIFAR10_MEAN, CIFAR10_STD
 from training import data
 from training.module import CifarResNetModule
 
-DEFAULT_GRADCAM_LAYER = "layer2"
 
-
-@torch.inference_mode()
-def predict_logits(
-    net: torch.nn.Module,
-    images: torch.Tensor,
-    *,
-    batch_size: int = 500,
-    dtype: torch.dtype | None = None,
-    flip: bool = False,
-) -> torch.Tensor:
-    """fp32 logits of uint8 images, optionally under autocast ``dtype`` or horizontally flipped."""
-    normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
-    device_type = next(net.parameters()).device.type
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size])
-        if flip:
-            x = x.flip(3)
-        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out.append(net(x).float())
-    return torch.cat(out)
+def view_logits(net: torch.nn.Module, images: torch.Tensor, precision: Precision = "fp32") -> torch.Tensor:
+    """(2, N, classes) fp32 logits of uint8 images and of their mirrors, through the serving recipe."""
+    forward = ServedForward(net, CIFAR10_MEAN, CIFAR10_STD, precision=precision, tta="flip").eval()
+    return in_batches(forward, images, logits=True)
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -89,16 +72,14 @@ def export_bundle(
     net = module.net.float().eval()
     classes = cifar.classes
 
-    test_logits = predict_logits(net, cifar.test.images)
-    flip_logits = predict_logits(net, cifar.test.images, flip=True)
-    val_logits = predict_logits(net, val.images)
+    test_views = view_logits(net, cifar.test.images)
+    test_logits = test_views[0]
+    val_logits = view_logits(net, val.images)[0]
     agreement = {"fp32": 1.0}
-    low = [torch.bfloat16] + ([torch.float16] if torch.cuda.is_available() else [])
-    for dtype in low:
-        low_logits = predict_logits(net, cifar.test.images, dtype=dtype)
-        agreement[str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")] = round(
-            float((low_logits.argmax(1) == test_logits.argmax(1)).float().mean()), 5
-        )
+    low: list[Precision] = ["bf16"] + (["fp16"] if torch.cuda.is_available() else [])
+    for precision in low:
+        low_logits = view_logits(net, cifar.test.images, precision)[0]
+        agreement[precision] = round(float((low_logits.argmax(1) == test_logits.argmax(1)).float().mean()), 5)
 
     labels = cifar.test.labels
     confusion = multiclass_confusion_matrix(test_logits.argmax(1), labels, num_classes=len(classes))
@@ -113,7 +94,7 @@ def export_bundle(
         "input_size": 32,
         "test_accuracy": _accuracy(test_logits, labels),
         # As the service computes it (CAMSERVE_TTA=flip): the mean of the two views' probabilities.
-        "test_accuracy_flip_tta": _accuracy(test_logits.softmax(1) + flip_logits.softmax(1), labels),
+        "test_accuracy_flip_tta": _accuracy(test_views.softmax(2).mean(0), labels),
         "val_accuracy": _accuracy(val_logits, val.labels),
         "test_images": len(labels),
         "val_images": len(val.labels),
@@ -141,7 +122,7 @@ def export_bundle(
             "precision": extra.get("precision", "unknown"),
         },
         "gradcam": {
-            "default_layer": DEFAULT_GRADCAM_LAYER,
+            "default_layer": net.default_cam_layer,
             "layers": [vars(row) for row in block_geometry(net)],
         },
         "torch_version": torch.__version__,

@@ -4,7 +4,7 @@ Hoffer et al. (2017) and Page's "How to train your ResNet" (part 8) normalise ea
 of ~32 images with its own statistics while the optimiser still sees the whole batch of 512: the
 noisier statistics regularise like a smaller batch without the cost of more steps. At evaluation it
 is plain BatchNorm with the same parameters and running statistics, so a trained network's
-``state_dict`` loads into the serving network (``service.network``) unchanged.
+``state_dict`` loads into the serving network (``camcore.network``) unchanged.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
-from service.network import build_network
-from service.transforms import CIFAR10_MEAN, CIFAR10_STD, Normalize
+from camcore.network import build_network
+from camcore.preprocess import CIFAR10_MEAN, CIFAR10_STD, Normalize
 from training import data
 from training.augment import TrainTransform, cutmix
 from training.ghost_norm import use_ghost_batch_norm

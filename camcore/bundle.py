@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from service.network import ARCHITECTURE, CifarResNet, build_network, count_parameters
+from camcore.network import ARCHITECTURE, CifarResNet, build_network, count_parameters
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -49,13 +49,33 @@ class Bundle:
     def version(self) -> str:
         return str(self.metadata["weights_sha256"])
 
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name") or self.path.name)
+
+    @property
+    def mean(self) -> list[float]:
+        return list(self.metadata["mean"])
+
+    @property
+    def std(self) -> list[float]:
+        return list(self.metadata["std"])
+
+    @property
+    def temperature(self) -> float:
+        """Logits are divided by this before the softmax (temperature scaling); 1.0 if not calibrated."""
+        return float(self.metadata.get("calibration", {}).get("temperature", 1.0))
+
+    @property
+    def default_cam_layer(self) -> str:
+        """The layer Grad-CAM explains by default: what the bundle recorded, else the network's."""
+        recorded = self.metadata.get("gradcam", {}).get("default_layer")
+        return recorded if recorded in self.model.blocks else self.model.default_cam_layer
+
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
@@ -82,6 +102,10 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         value = metadata[key]
         if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int | float) for v in value)):
             raise BundleError(f"{meta_path}: '{key}' must be three numbers")
+    calibration = metadata.get("calibration", {})
+    temperature = calibration.get("temperature", 1.0) if isinstance(calibration, dict) else None
+    if not (isinstance(temperature, int | float) and not isinstance(temperature, bool) and 0 < temperature < 1e3):
+        raise BundleError(f"{meta_path}: 'calibration.temperature' must be a positive number")
     return metadata
 
 

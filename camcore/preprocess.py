@@ -1,4 +1,4 @@
-"""Batch preprocessing shared by the training job's test transform and the service.
+"""Preprocessing shared by the training job and the service: the resize policy and normalisation.
 
 Both sides feed the network exactly the same tensors: uint8 RGB images, 32x32, scaled to [0, 1],
 normalised with the bundle's mean/std, in channels_last memory order (the fast layout for this

@@ -63,6 +63,10 @@ class CifarResNet(nn.Module):
     """Custom ResNet for 32x32 images; ``forward`` returns logits (pre-softmax scores)."""
 
     block_names: tuple[str, ...] = ("prep", "layer1", "layer2", "layer3")
+    # The block Grad-CAM explains unless told otherwise: its 8x8 cells each see a 20-pixel window of a
+    # 32x32 input (see `block_geometry`), local enough to point somewhere, deep enough to carry class
+    # evidence. Bundles record it in model.json; everything else reads it from the bundle.
+    default_cam_layer: str = "layer2"
 
     def __init__(self, num_classes: int = 10, width: int = 64, logit_scale: float = 0.125) -> None:
         super().__init__()
@@ -97,6 +101,7 @@ class CifarResNet(nn.Module):
 
 
 def build_network(num_classes: int = 10) -> CifarResNet:
+    """The network as training builds it and bundles store it (fp32, default width)."""
     return CifarResNet(num_classes=num_classes)
 
 

@@ -1,0 +1,31 @@
+"""What the routes need from the running service: created by the app factory, filled in by its lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from camcore.bundle import Bundle
+from service.batcher import DynamicBatcher
+from service.engine import GradcamJob, GradcamRow, InferenceEngine
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+
+@dataclass
+class ServiceState:
+    """Everything the routes need; created by the factory, filled in by the lifespan."""
+
+    settings: Settings
+    metrics: ServiceMetrics
+    bundle: Bundle | None = None
+    engine: InferenceEngine | None = None
+    predict_batcher: DynamicBatcher[torch.Tensor, torch.Tensor] | None = None
+    gradcam_batcher: DynamicBatcher[GradcamJob, GradcamRow] | None = None
+    misclassified: list[dict] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)  # Grad-CAM targets and their geometry, for /health
+    lanes: int = 1  # batches that can run at once, each on its own model thread
+    torch_threads: int = 1  # intra-op threads per batch
+    ready: bool = False
+    draining: bool = False
