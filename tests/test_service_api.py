@@ -6,6 +6,8 @@ import asyncio
 import base64
 import io
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -536,6 +538,56 @@ async def test_api_key_protects_the_api_but_not_the_probes(settings):
         assert (await client.post("/predict", files=upload, headers={"X-API-Key": "s3cret"})).status_code == 200
         for path in ("/health", "/livez", "/readyz"):
             assert (await client.get(path)).status_code == 200
+
+
+async def test_openapi_declares_the_key_so_docs_can_send_it(client):
+    schema = (await client.get("/openapi.json")).json()
+    schemes = schema["components"]["securitySchemes"]
+    header = schemes["APIKeyHeader"]
+    assert (header["type"], header["in"], header["name"]) == ("apiKey", "header", "X-API-Key")
+    assert schemes["HTTPBearer"]["type"] == "http" and schemes["HTTPBearer"]["scheme"] == "bearer"
+    for path, method in (("/predict", "post"), ("/gradcam", "post"), ("/misclassified", "get")):
+        assert {name for entry in schema["paths"][path][method]["security"] for name in entry} == set(schemes)
+    for path in ("/health", "/livez", "/readyz", "/metrics"):
+        assert "security" not in schema["paths"][path]["get"]
+
+
+async def test_api_key_is_compared_as_utf8_bytes(settings):
+    key = "clé-ключ-鍵"
+    app = create_app(settings.model_copy(update={"api_key": SecretStr(key)}))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client,
+    ):
+        upload = files(("a.png", png(0)))
+
+        async def status(headers: dict[str, bytes]) -> int:
+            return (await client.post("/predict", files=upload, headers=headers)).status_code
+
+        # Raw header bytes, as a client sends them: the key's UTF-8 encoding is accepted...
+        assert await status({"X-API-Key": key.encode("utf-8")}) == 200
+        assert await status({"Authorization": b"Bearer " + key.encode("utf-8")}) == 200
+        # ...and neither another encoding of the same text nor a prefix of its bytes is.
+        assert await status({"X-API-Key": "clé".encode("latin-1")}) == 401
+        assert await status({"X-API-Key": key.encode("utf-8")[:-1]}) == 401
+        assert await status({"Authorization": b"Basic " + key.encode("utf-8")}) == 401
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t"])
+def test_a_blank_api_key_is_refused_at_start_up(monkeypatch, blank):
+    monkeypatch.setenv("CAMSERVE_API_KEY", blank)
+    with pytest.raises(ValidationError, match="CAMSERVE_API_KEY is set but empty"):
+        Settings()
+    monkeypatch.setenv("CAMSERVE_API_KEY", " padded ")
+    with pytest.raises(ValidationError, match="starts or ends with whitespace"):
+        Settings()
+
+
+def test_python_m_service_exits_2_naming_a_blank_api_key(bundle_dir: Path):
+    env = {**os.environ, "CAMSERVE_API_KEY": "  ", "CAMSERVE_MODEL_DIR": str(bundle_dir), "CAMSERVE_PORT": "0"}
+    done = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "camserve: cannot start: CAMSERVE_API_KEY is set but empty" in done.stderr
 
 
 async def test_an_app_started_again_after_a_stop_is_ready_again(settings):
