@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +31,8 @@ if not CHROMIUM.is_file():
         allow_module_level=True,
     )
 
-from helpers import CLASSES, make_bundle  # noqa: E402  (pytest puts tests/ on sys.path)
+from harness import camserve  # noqa: E402  (conftest puts bench/ on sys.path)
+from helpers import CLASSES, make_bundle  # noqa: E402  (and tests/)
 
 pytestmark = pytest.mark.browser
 
@@ -61,51 +58,14 @@ class Server:
         self.trained = trained
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     trained = (REAL_BUNDLE / "model.json").is_file()
     bundle = REAL_BUNDLE if trained else make_bundle(tmp_path_factory.mktemp("web") / "bundle")
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("web-log") / "server.log"
-    env = {
-        **os.environ,
-        "CAMSERVE_MODEL_DIR": str(bundle),
-        "CAMSERVE_HOST": "127.0.0.1",
-        "CAMSERVE_PORT": str(port),
-        "CAMSERVE_TORCH_THREADS": "1",
-        "CAMSERVE_LOG_REQUESTS": "false",
-        "CAMSERVE_LOG_LEVEL": "warning",
-    }
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"`python -m service` exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready within 90 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield Server(url, trained)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    settings = {"torch_threads": 1, "log_requests": "false", "log_level": "warning"}
+    with camserve(bundle, log_path, start_timeout_s=90, **settings) as running:
+        yield Server(running.base_url, trained)
 
 
 @pytest.fixture(scope="module")
