@@ -9,10 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from fixtures import CLASSES, encode, make_bundle, random_image
 from PIL import Image
 
-__all__ = ["CLASSES", "animation", "encode", "make_bundle", "make_image_folder", "random_image", "real_test_slice"]
+__all__ = [
+    "CLASSES",
+    "animation",
+    "encode",
+    "grad_cam_by_hand",
+    "make_bundle",
+    "make_image_folder",
+    "random_image",
+    "real_test_slice",
+    "served_probabilities",
+]
 
 
 def animation(count: int, fmt: str = "GIF", seed: int = 0) -> tuple[bytes, Image.Image]:
@@ -67,3 +78,28 @@ def served_probabilities(model: torch.nn.Module, x: torch.Tensor, tta: str = "fl
         if tta == "flip":
             probabilities = (probabilities + model(x.flip(3)).float().softmax(1)) / 2
     return probabilities
+
+
+def grad_cam_by_hand(model: torch.nn.Module, x: torch.Tensor, layer: str, target: int) -> torch.Tensor:
+    """Grad-CAM for one normalised image (1, 3, H, W), written out independently of camcore.cam: the
+    gradient of the target's logit with respect to the layer's output (a hook keeps it), channels
+    weighted by its spatial mean, ReLU, min-max scaled to [0, 1], bilinear upsampling to (H, W)."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        output.retain_grad()
+        kept["activations"] = output
+
+    handle = getattr(model, layer).register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().clone().requires_grad_(True))
+            logits[0, target].backward()
+    finally:
+        handle.remove()
+    activations = kept["activations"].detach()[0]
+    gradients = kept["activations"].grad[0]
+    cam = torch.relu((gradients.mean(dim=(1, 2))[:, None, None] * activations).sum(0))
+    cam = cam - cam.min()
+    cam = cam / (cam.max() + 1e-7)
+    return F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]

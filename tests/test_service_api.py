@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import CLASSES, animation, encode, random_image, served_probabilities
+from helpers import CLASSES, animation, encode, grad_cam_by_hand, random_image, served_probabilities
 from PIL import Image
 from pydantic import SecretStr, ValidationError
 
@@ -69,9 +69,13 @@ def png(seed: int, **kwargs) -> bytes:
 
 
 def single_image_probabilities(app, data: bytes) -> torch.Tensor:
-    """Reference: the engine on this one image alone, no HTTP, no batching."""
+    """Reference, independent of the engine: this one image alone through the bundle's fp32 network,
+    eagerly, with the normalisation, softmax and flip average written out (``served_probabilities``)."""
+    bundle = app.state.camserve.bundle
     image = image_to_uint8(Image.open(io.BytesIO(data)))
-    return app.state.camserve.engine.predict([image])[0]
+    mean, std = (torch.tensor(bundle.metadata[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
+    x = (image[None].float() / 255 - mean) / std
+    return served_probabilities(bundle.model, x)[0]
 
 
 # -- health and metadata ---------------------------------------------------------------------------
@@ -398,8 +402,8 @@ async def test_gradcam_opacity_changes_the_overlay(client):
         ("layer=layer9", "valid layers: ['prep', 'layer1', 'layer2', 'layer3']"),
         ("target=giraffe", "unknown target 'giraffe'"),
         ("target=10", "out of range"),
-        ("opacity=1.5", ""),
-        ("format=gif", ""),
+        ("opacity=1.5", "less than or equal to 1"),
+        ("format=gif", "'json' or 'png'"),
     ],
 )
 async def test_gradcam_bad_parameters_are_422(client, query, words):
@@ -484,14 +488,15 @@ async def test_gradcam_under_flip_tta_reports_predicts_probabilities_and_the_pla
     data = png(11)
     image = image_to_uint8(Image.open(io.BytesIO(data)))
     bundle = app.state.camserve.bundle
-    probabilities = app.state.camserve.engine.predict([image])[0]
+    probabilities = single_image_probabilities(app, data)  # flip TTA, as /predict answers
     target = int(probabilities.argmax())
     response = await client.post("/gradcam?layer=layer2", files=files(("a.png", data)))
     result = response.json()["results"][0]
     assert result["target_index"] == target  # the default target: the TTA prediction, as /predict gives it
     assert result["probability"] == pytest.approx(float(probabilities[target]), abs=1e-5)
-    plain = class_activation_maps(ServedForward.from_bundle(bundle), image[None], "layer2", [target])  # no TTA
-    assert np.allclose(np.asarray(result["heatmap"]), plain.heatmaps[0].numpy(), atol=2e-4)  # 4 decimals served
+    mean, std = (torch.tensor(bundle.metadata[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
+    plain = grad_cam_by_hand(bundle.model, (image[None].float() / 255 - mean) / std, "layer2", target)  # no TTA
+    assert np.allclose(np.asarray(result["heatmap"]), plain.numpy(), atol=2e-4)  # 4 decimals served
 
 
 async def test_model_weights_never_store_gradients(client, app):
