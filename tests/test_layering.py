@@ -129,3 +129,14 @@ def test_no_import_cycles_among_the_projects_modules():
         tuple(TopologicalSorter(graph).static_order())
     except CycleError as exc:
         pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")
+
+
+def test_benchmarks_never_import_the_tests():
+    """The tests import ``bench/harness.py`` and ``bench/fixtures.py``; never the other way round."""
+    test_modules = {path.stem for path in (ROOT / "tests").glob("*.py")}
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not {name.split(".")[0] for name in names} & (test_modules | {"tests"}), path.name
+        assert '"tests"' not in path.read_text(), f"{path.name} reaches into tests/"
