@@ -226,6 +226,7 @@
     );
     layerSelect.value = state.defaultLayer;
     updateLayerHelp();
+    renderOverlays(); // an answer that came before the colour map can be painted now
 
     const targetSelect = $("target");
     targetSelect.replaceChildren(
@@ -524,7 +525,7 @@
   function overlayFigure(index) {
     if (!gradcamOn()) return null;
     const row = Array.isArray(state.gradcam) ? state.gradcam[index] : null;
-    if (row) {
+    if (row && state.colormap) {
       return el(
         "figure",
         {},
