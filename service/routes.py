@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, Security
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.batcher import BatchFailed, DynamicBatcher, QueueFull, ShuttingDown
@@ -53,16 +54,31 @@ async def get_state(request: Request) -> ServiceState:
 State = Annotated[ServiceState, Depends(get_state)]
 
 
-async def require_api_key(request: Request, state: State) -> None:
-    """``Authorization: Bearer <key>`` or ``X-API-Key: <key>``, compared in constant time."""
+# FastAPI's security schemes put the key into the OpenAPI document, so /docs lists it and its
+# Authorize button sends it; auto_error=False because the key is optional (CAMSERVE_API_KEY).
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="the key in CAMSERVE_API_KEY, when the service has one"
+)
+BEARER = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`, the same key as X-API-Key")
+
+
+def header_bytes(value: str) -> bytes:
+    """The bytes a client sent in a header: starlette decodes header values as latin-1, so encoding
+    back as latin-1 is lossless, and a UTF-8 key arrives as its UTF-8 bytes."""
+    return value.encode("latin-1")
+
+
+async def require_api_key(
+    state: State,
+    api_key: Annotated[str | None, Security(API_KEY_HEADER)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> None:
+    """``X-API-Key: <key>`` or ``Authorization: Bearer <key>``, compared as bytes in constant time."""
     expected = state.settings.api_key
     if expected is None:
         return
-    supplied = request.headers.get("x-api-key", "")
-    authorization = request.headers.get("authorization", "")
-    if not supplied and authorization.lower().startswith("bearer "):
-        supplied = authorization[7:].strip()
-    if not hmac.compare_digest(supplied.encode(), expected.get_secret_value().encode()):
+    supplied = api_key or (bearer.credentials.strip() if bearer else "")
+    if not hmac.compare_digest(header_bytes(supplied), expected.get_secret_value().encode("utf-8")):
         state.metrics.rejections.labels("unauthorized").inc()
         raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
 

@@ -47,8 +47,9 @@
   const state = {
     health: null,
     classes: EXAMPLE_CLASSES.slice(),
-    defaultLayer: "layer2",
+    defaultLayer: null, // from /health (gradcam.default_layer): the bundle's, never a guess here
     layers: [],
+    colormap: null, // from /health (gradcam.colormap): the 256 RGB colours the server's PNGs use
     images: [], // {name, blob, url}
     predictions: null,
     gradcam: null,
@@ -163,6 +164,7 @@
     state.classes = model.classes;
     state.defaultLayer = health.gradcam.default_layer;
     state.layers = health.gradcam.layers;
+    state.colormap = health.gradcam.colormap;
     setStatus("ready", `Ready · ${health.device} · ${health.precision}`);
 
     $("model-name").textContent = `${model.name} · ${model.architecture}`;
@@ -224,6 +226,7 @@
     );
     layerSelect.value = state.defaultLayer;
     updateLayerHelp();
+    renderOverlays(); // an answer that came before the colour map can be painted now
 
     const targetSelect = $("target");
     targetSelect.replaceChildren(
@@ -346,8 +349,11 @@
     }
   }
 
+  // The overlay is composited here from the heatmap, so the slider needs no request. Opacity 0 makes the
+  // answer's overlay_png the 32×32 image exactly as the model saw it (decoded, turned upright, resized
+  // the server's way): the picture the heatmap is blended over.
   function gradcamQuery() {
-    const params = new URLSearchParams({ opacity: $("opacity").value, format: "json" });
+    const params = new URLSearchParams({ opacity: "0", format: "json" });
     if ($("layer").value) params.set("layer", $("layer").value);
     if ($("target").value) params.set("target", $("target").value);
     return params.toString();
@@ -366,6 +372,7 @@
         body: formData(),
         signal: abort.signal,
       });
+      await Promise.all(body.results.map(withPixels));
       if (seq !== state.gradcamSeq) return;
       state.gradcam = body.results;
       state.gradcamError = false;
@@ -382,10 +389,67 @@
     }
   }
 
-  let opacityTimer = null;
-  function scheduleGradcam(delay) {
-    clearTimeout(opacityTimer);
-    opacityTimer = setTimeout(runGradcam, delay);
+  // ---------------------------------------------------------------- the overlay, composited here
+
+  /** numpy's rint: halves go to the even neighbour, as service/render.py rounds. */
+  function rint(x) {
+    const r = Math.round(x);
+    return x - Math.floor(x) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+  }
+
+  /** Adds `pixels` (RGBA bytes) to a /gradcam row: its overlay_png, asked for at opacity 0, decoded. */
+  async function withPixels(row) {
+    const image = new Image();
+    image.src = `data:image/png;base64,${row.overlay_png}`;
+    await image.decode();
+    const canvas = document.createElement("canvas");
+    canvas.width = image.naturalWidth;
+    canvas.height = image.naturalHeight;
+    const context = canvas.getContext("2d", { willReadFrequently: true });
+    context.drawImage(image, 0, 0);
+    row.pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    return row;
+  }
+
+  const overlayRows = new WeakMap(); // canvas -> the /gradcam row it shows
+
+  /** Paints service/render.py's overlay: (1 - a) * image + a * colormap[rint(255 * heat)], rounded. */
+  function paintOverlay(canvas, row, opacity) {
+    const heatmap = row.heatmap;
+    const height = heatmap.length;
+    const width = heatmap[0].length;
+    canvas.width = width;
+    canvas.height = height;
+    const context = canvas.getContext("2d");
+    const out = context.createImageData(width, height);
+    for (let y = 0; y < height; y++) {
+      for (let x = 0; x < width; x++) {
+        const i = 4 * (y * width + x);
+        const colour = state.colormap[Math.min(255, Math.max(0, rint(heatmap[y][x] * 255)))];
+        for (let c = 0; c < 3; c++) {
+          out.data[i + c] = rint((1 - opacity) * row.pixels[i + c] + opacity * colour[c]);
+        }
+        out.data[i + 3] = 255;
+      }
+    }
+    context.putImageData(out, 0, 0);
+    canvas.dataset.opacity = String(opacity);
+    overlayRows.set(canvas, row);
+  }
+
+  function overlayCanvas(row, attrs) {
+    const canvas = el("canvas", { class: "pixelated overlay", role: "img", ...attrs });
+    paintOverlay(canvas, row, Number($("opacity").value));
+    return canvas;
+  }
+
+  /** The opacity slider: every overlay on the page is painted again, here, with no request. */
+  function repaintOverlays() {
+    const opacity = Number($("opacity").value);
+    for (const canvas of document.querySelectorAll("canvas.overlay")) {
+      const row = overlayRows.get(canvas);
+      if (row) paintOverlay(canvas, row, opacity);
+    }
   }
 
   // ---------------------------------------------------------------- rendering results
@@ -461,14 +525,12 @@
   function overlayFigure(index) {
     if (!gradcamOn()) return null;
     const row = Array.isArray(state.gradcam) ? state.gradcam[index] : null;
-    if (row) {
+    if (row && state.colormap) {
       return el(
         "figure",
         {},
-        el("img", {
-          class: "pixelated overlay",
-          src: `data:image/png;base64,${row.overlay_png}`,
-          alt: `Grad-CAM overlay for ${state.images[index].name}: where ${row.layer} found evidence for “${row.target}”`,
+        overlayCanvas(row, {
+          "aria-label": `Grad-CAM overlay for ${state.images[index].name}: where ${row.layer} found evidence for “${row.target}”`,
         }),
         el(
           "figcaption",
@@ -582,10 +644,12 @@
       try {
         const blob = base64ToBlob(item.image_png, "image/png");
         const explain = async (target) => {
-          const params = new URLSearchParams({ opacity: $("opacity").value, layer: $("layer").value || state.defaultLayer, target });
+          const params = new URLSearchParams({ opacity: "0", target }); // opacity 0: see gradcamQuery
+          const layer = $("layer").value || state.defaultLayer;
+          if (layer) params.set("layer", layer);
           const form = new FormData();
           form.append("files", blob, `test-${item.test_index}.png`);
-          return (await apiJson(`gradcam?${params}`, { method: "POST", body: form })).results[0];
+          return withPixels((await apiJson(`gradcam?${params}`, { method: "POST", body: form })).results[0]);
         };
         const [why, truth] = await Promise.all([explain(item.predicted_label), explain(item.true_label)]);
         overlays.replaceChildren(
@@ -624,11 +688,7 @@
     return el(
       "figure",
       { class: "mistake-overlay" },
-      el("img", {
-        class: "pixelated overlay",
-        src: `data:image/png;base64,${row.overlay_png}`,
-        alt: `Grad-CAM overlay at ${row.layer}: ${caption}`,
-      }),
+      overlayCanvas(row, { "aria-label": `Grad-CAM overlay at ${row.layer}: ${caption}` }),
       el("figcaption", {}, caption),
     );
   }
@@ -691,7 +751,7 @@
     $("target").addEventListener("change", runGradcam);
     $("opacity").addEventListener("input", () => {
       $("opacity-value").textContent = `${Math.round(Number($("opacity").value) * 100)}%`;
-      scheduleGradcam(120);
+      repaintOverlays();
     });
 
     $("gallery-form").addEventListener("submit", showGallery);
