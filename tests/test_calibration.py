@@ -17,6 +17,8 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from camcore.bundle import load_bundle, sha256_of
 from camcore.calibration import (
+    T_MAX,
+    T_MIN,
     calibration_report,
     expected_calibration_error,
     fit_temperature,
@@ -89,6 +91,15 @@ def test_fit_takes_inference_mode_tensors_and_rejects_mismatched_shapes():
         fit_temperature(logits, labels[:-1])
 
 
+def test_a_held_out_set_without_a_finite_optimum_stops_at_a_bound():
+    logits = synthetic_logits(50, 1, seed=6)
+    all_right = served_probabilities(logits).argmax(1)
+    # NLL falls for ever as T -> 0 when every answer is right: the fit stops at the lower bound, a loadable T.
+    assert fit_temperature(logits, all_right) == pytest.approx(T_MIN)
+    uniform = torch.zeros(1, 30, 10)
+    assert T_MIN <= fit_temperature(uniform, torch.arange(30) % 10) <= T_MAX  # flat NLL: any T, but a finite one
+
+
 # -- top-1 -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [0.05, 0.54, 3.0, 40.0])
 def test_a_temperature_leaves_every_top1_unchanged_where_the_views_agree(temperature: float):
@@ -144,7 +155,8 @@ def test_recorded_ece_matches_an_independent_one():
     """What export and calibrate write into model.json is the ECE of the served probabilities, recomputed here."""
     val_logits, test_logits = synthetic_logits(3_000, 2, seed=11), synthetic_logits(6_000, 2, seed=12)
     val_labels, test_labels = labels_drawn_from(val_logits, 0.6, seed=13), labels_drawn_from(test_logits, 0.6, seed=14)
-    record = json.loads(json.dumps(calibration_record(val_logits, val_labels, test_logits, test_labels, {})))
+    record = calibration_record(val_logits, val_labels, test_logits, test_labels, {}, resamples=20)
+    record = json.loads(json.dumps(record))
     temperature = record["temperature"]
     assert record["fitted_on"]["images"] == 3_000 and record["fitted_for_tta"] == "flip"
     low, high = record["fitted_on"]["temperature_interval_90"]

@@ -55,6 +55,7 @@ def calibration_record(
     test_views: torch.Tensor,
     test_labels: torch.Tensor,
     split: dict[str, Any],
+    resamples: int = 200,
 ) -> dict[str, Any]:
     """``model.json``'s ``calibration``: T fitted on held-out (views, N, classes) logits, and test-set
     ECE/NLL/Brier and reliability bins before (T=1) and after, for both test-time augmentation modes."""
@@ -79,7 +80,7 @@ def calibration_record(
             "images": len(val_labels),
             **split,
             "objective": f"NLL of the served ({FITTED_FOR_TTA} TTA) probabilities",
-            "temperature_interval_90": temperature_interval(fit_views, val_labels),
+            "temperature_interval_90": temperature_interval(fit_views, val_labels, resamples),
         },
         "ece_bins": ECE_BINS,
         "test": test,
