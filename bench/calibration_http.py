@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -164,9 +165,11 @@ def main() -> None:
     recorded = json.loads((Path(args.model_dir) / "model.json").read_text()).get("calibration", {})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="camserve-calibration-"))  # server logs: kept for a look, not committed
+    print(f"server logs in {logs}", flush=True)
     results = {}
     for tta in ("flip", "none"):
-        process, base = start_server(Path(args.model_dir), tta, out.with_name(f"calibration_server_{tta}.log"))
+        process, base = start_server(Path(args.model_dir), tta, logs / f"server_{tta}.log")
         try:
             health = httpx.get(f"{base}/health", timeout=30).json()
             classes = health["model"]["classes"]
@@ -224,7 +227,8 @@ def markdown(summary: dict) -> str:
         f"service` ({FILES_PER_REQUEST} files a request, `top_k=10`, {CONCURRENT_REQUESTS} requests at a time, "
         "loopback), once per TTA mode, every other setting at its default; the figures are computed from the "
         "probabilities in the answers (`camcore.calibration`; top-1 ECE over 15 equal-width bins, cross-checked "
-        "with torchmetrics' `multiclass_calibration_error`).",
+        "with torchmetrics' `multiclass_calibration_error`). Device and precision are the service's own choice "
+        "(`CAMSERVE_PRECISION=auto`); only the per-request log line is off. Nothing here is timed.",
         "",
         "| `CAMSERVE_TTA` | device, precision | T | accuracy | ECE | ECE (torchmetrics) | NLL | Brier | confidence |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -240,7 +244,8 @@ def markdown(summary: dict) -> str:
         "",
         f"Target: served (`flip`) top-1 ECE <= {summary['target_ece']}: **{verdict}**.",
         "",
-        "Recorded in `model.json` (fp32, in process, from the same decoded images the training job uses):",
+        "Recorded in `model.json` by `python -m training calibrate` (fp32, in process, on the training job's "
+        "decoding of the same JPEGs); differences from the HTTP figures are the served precision's:",
         "",
     ]
     for tta, r in results.items():

@@ -170,7 +170,8 @@ def test_recorded_ece_matches_an_independent_one():
             reported = record["test"][mode][phase]
             assert reported["ece"] == pytest.approx(ece_by_hand(p, test_labels.numpy()), abs=2e-5)
             assert reported["accuracy"] == pytest.approx(float((p.argmax(1) == test_labels.numpy()).mean()), abs=1e-5)
-        assert record["test"][mode]["after"]["ece"] < record["test"][mode]["before"]["ece"]
+    # T was fitted for flip, the mode the labels were drawn from: there it must help.
+    assert record["test"]["flip"]["after"]["ece"] < record["test"]["flip"]["before"]["ece"] / 2
 
 
 @pytest.mark.skipif(not (SHIPPED / "model.json").is_file(), reason="shipped bundle not present")
