@@ -18,7 +18,9 @@ against torchmetrics' ``multiclass_calibration_error`` (15 bins, l1) and against
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,6 +44,19 @@ def _served_nll(view_logits: torch.Tensor, labels: torch.Tensor, log_temperature
     return -log_served.gather(1, labels[:, None]).mean()
 
 
+@contextlib.contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """The fit's tensors are tiny ((views, N, 10)); splitting them over intra-op threads only adds
+    synchronisation, and on a busy 2-core machine that cost 4.6 ms per NLL evaluation against 0.03 ms
+    on one thread (N=20; 75 ms against 3.4 ms at N=6,000). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def fit_temperature(view_logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
     """The T that minimises the NLL of the served probabilities on held-out images.
 
@@ -58,7 +73,7 @@ def fit_temperature(view_logits: torch.Tensor, labels: torch.Tensor, max_iter: i
             f"expected (views, N, classes) logits for {len(labels)} labels, got {tuple(view_logits.shape)}"
         )
     # Callers often hold inference-mode tensors (ServedForward output); copies made with autograd on can be fitted.
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), _one_intra_op_thread():
         view_logits = view_logits.detach().to(torch.float64, copy=True)
         labels = labels.detach().to(torch.int64, copy=True)
         # Start from the best of a coarse grid over the allowed range, then refine.
