@@ -270,7 +270,8 @@ def test_model_card_draws_the_reliability_diagram(page: Page, server: Server) ->
     expect(page.locator("#reliability-plot .rel-after circle")).to_have_count(len(dots["after"]))
     expect(page.locator("#reliability-plot .rel-diagonal")).to_have_count(1)
     expect(page.locator("#reliability-caption")).to_contain_text(f"ECE {100 * served['after']['ece']:.1f}%")
-    expect(page.locator("#calibration-body tr")).to_have_count(len(calibration["test"]))
+    expect(page.locator("#calibration-head th")).to_have_count(1 + len(calibration["test"]))  # a column per mode
+    expect(page.locator("#calibration-body tr")).to_have_count(3)  # ECE, NLL, Brier
     expect(page.locator("#calibration-summary")).to_contain_text(f"{calibration['temperature']:.3f}")
     # Dots run left to right in bin order: confidence on the x axis.
     xs = page.locator("#reliability-plot .rel-after circle").evaluate_all("cs => cs.map(c => +c.getAttribute('cx'))")

@@ -277,20 +277,35 @@
           "area by image count); on the dashed diagonal, confidence equals accuracy.",
       );
     }
-    const change = (before, after, format) => `${format(before)} → ${format(after)}`;
+    // One row per metric, one column per TTA mode (the served one first): fits the card's width.
     const fixed3 = (v) => v.toFixed(3);
+    const metrics = [
+      ["ECE", "ece", (v) => pct(v)],
+      ["NLL", "nll", fixed3],
+      ["Brier", "brier", fixed3],
+    ];
+    $("calibration-head").replaceChildren(
+      el(
+        "tr",
+        {},
+        el("th", { scope: "col" }, "Test set"),
+        ...modes.map((mode) =>
+          el("th", { scope: "col" }, `${mode} TTA`, mode === servedMode ? el("span", { class: "badge" }, "served") : null),
+        ),
+      ),
+    );
     $("calibration-body").replaceChildren(
-      ...modes.map((mode) => {
-        const { before, after } = calibration.test[mode];
-        return el(
+      ...metrics.map(([name, key, format]) =>
+        el(
           "tr",
           {},
-          el("td", {}, mode, mode === servedMode ? el("span", { class: "badge" }, "served") : null),
-          el("td", {}, change(before.ece, after.ece, (v) => pct(v))),
-          el("td", {}, change(before.nll, after.nll, fixed3)),
-          el("td", {}, change(before.brier, after.brier, fixed3)),
-        );
-      }),
+          el("th", { scope: "row" }, name),
+          ...modes.map((mode) => {
+            const { before, after } = calibration.test[mode];
+            return el("td", { title: "before (T = 1) → after" }, `${format(before[key])} → ${format(after[key])}`);
+          }),
+        ),
+      ),
     );
   }
 
