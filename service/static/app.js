@@ -250,7 +250,8 @@
     section.hidden = !calibration;
     if (!calibration) return;
     const T = calibration.temperature;
-    const fitted = calibration.fitted_on_images ? `, fitted on ${calibration.fitted_on_images.toLocaleString("en-US")} held-out training images` : "";
+    const images = calibration.fitted_on_images;
+    const fitted = images ? `, fitted on ${images.toLocaleString("en-US")} held-out training images` : "";
     const modes = Object.keys(calibration.test || {}).sort((a, b) => (b === servedMode) - (a === servedMode));
     const served = (calibration.test || {})[servedMode] || (calibration.test || {})[modes[0]];
     let summary = `Probabilities are temperature-scaled: logits ÷ ${T.toFixed(3)} before the softmax${fitted}.`;
@@ -273,8 +274,9 @@
         el("span", { class: "swatch swatch-before", "aria-hidden": "true" }),
         ` before (T = 1): ECE ${pct(served.before.ece)}; `,
         el("span", { class: "swatch swatch-after", "aria-hidden": "true" }),
-        ` after (T = ${T.toFixed(2)}): ECE ${pct(served.after.ece)}. Dots: confidence bins (${calibration.ece_bins ?? served.after.reliability.length}, ` +
-          "area by image count); on the dashed diagonal, confidence equals accuracy.",
+        ` after (T = ${T.toFixed(2)}): ECE ${pct(served.after.ece)}. ` +
+          `Dots: confidence bins (${served.after.reliability.length}, area by image count); ` +
+          "on the dashed diagonal, confidence equals accuracy.",
       );
     }
     // One row per metric, one column per TTA mode (the served one first): fits the card's width.
