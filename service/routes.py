@@ -213,6 +213,29 @@ async def gradcam(
     return JSONResponse({"model_version": state.bundle.version, "results": results})
 
 
+def calibration_info(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """model.json's calibration record as /health reports it; None for a bundle never calibrated."""
+    record = meta.get("calibration")
+    if not isinstance(record, dict):
+        return None
+    return {
+        "temperature": record.get("temperature", 1.0),
+        "fitted_for_tta": record.get("fitted_for_tta"),
+        "fitted_on_images": (record.get("fitted_on") or {}).get("images"),
+        "ece_bins": record.get("ece_bins"),
+        "test": record.get("test") or {},
+    }
+
+
+def served_test_accuracy(meta: dict[str, Any], tta: str) -> float | None:
+    """The test accuracy of what this server answers: under flip TTA a temperature can tip the mean of the
+    two views for a few images, so a calibrated bundle's own after-temperature figure wins."""
+    after = meta.get("calibration", {}).get("test", {}).get(tta, {}).get("after", {}).get("accuracy")
+    if after is not None:
+        return after
+    return meta.get("test_accuracy_flip_tta" if tta == "flip" else "test_accuracy")
+
+
 @router.get("/health", response_model=Health, summary="Model, accuracy, device and batching")
 async def health(state: State) -> dict[str, Any]:
     meta = state.bundle.metadata
@@ -232,13 +255,14 @@ async def health(state: State) -> dict[str, Any]:
             "classes": state.bundle.classes,
             "test_accuracy": meta.get("test_accuracy"),
             "test_accuracy_flip_tta": meta.get("test_accuracy_flip_tta"),
-            "served_test_accuracy": meta.get("test_accuracy_flip_tta" if engine.tta == "flip" else "test_accuracy"),
+            "served_test_accuracy": served_test_accuracy(meta, engine.tta),
             "val_accuracy": meta.get("val_accuracy"),
             "per_class_accuracy": meta.get("per_class_accuracy", {}),
             "trained_epochs": meta.get("trained_epochs"),
             "training_seconds": meta.get("training_seconds"),
             "hardware": meta.get("hardware"),
             "dataset": meta.get("dataset"),
+            "calibration": calibration_info(meta),
         },
         "gradcam": {
             "layers": state.layers,

@@ -69,14 +69,16 @@ def real_test_slice(archive: Path, per_class: int) -> list[tuple[str, bytes, str
     return [row for rows in picked.values() for row in rows]
 
 
-def served_probabilities(model: torch.nn.Module, x: torch.Tensor, tta: str = "flip") -> torch.Tensor:
+def served_probabilities(
+    model: torch.nn.Module, x: torch.Tensor, tta: str = "flip", temperature: float = 1.0
+) -> torch.Tensor:
     """What the service should answer for a normalised batch, written out independently of its engine:
-    softmax of the logits, averaged with the mirrored image's under flip test-time augmentation (the
-    service's default, ``CAMSERVE_TTA``)."""
+    softmax of the logits divided by the bundle's temperature, averaged with the mirrored image's under
+    flip test-time augmentation (the service's default, ``CAMSERVE_TTA``)."""
     with torch.inference_mode():
-        probabilities = model(x).float().softmax(1)
+        probabilities = (model(x).float() / temperature).softmax(1)
         if tta == "flip":
-            probabilities = (probabilities + model(x.flip(3)).float().softmax(1)) / 2
+            probabilities = (probabilities + (model(x.flip(3)).float() / temperature).softmax(1)) / 2
     return probabilities
 
 

@@ -35,7 +35,8 @@ def server(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 def _reference_probabilities(model_dir: Path, payloads: list[bytes]) -> torch.Tensor:
     bundle = load_bundle(model_dir)
     images = torch.stack([image_to_uint8(Image.open(io.BytesIO(p))) for p in payloads])
-    return served_probabilities(bundle.model, Normalize(bundle.metadata["mean"], bundle.metadata["std"])(images))
+    x = Normalize(bundle.metadata["mean"], bundle.metadata["std"])(images)
+    return served_probabilities(bundle.model, x, temperature=bundle.temperature)
 
 
 def test_concurrent_clients_over_real_http(server, bundle_dir):

@@ -191,6 +191,10 @@ def test_checkpoint_and_bundle_give_the_same_predictions(trained_checkpoint, tin
     assert meta["gradcam"]["default_layer"] == "layer2"
     assert meta["recipe"]["precision"] == "32-true"  # what the run used, read from its checkpoint
     assert "bf16" in meta["precision_agreement"]
+    # The run held 10 images out: export fits the temperature on them and reports it on the test set.
+    assert meta["calibration"]["fitted_on"]["images"] == 10 and meta["calibration"]["temperature"] > 0
+    assert meta["calibration"]["test"]["flip"]["after"]["images"] == len(images)
+    assert bundle.temperature == meta["calibration"]["temperature"]
 
 
 def test_cli_fit_resumes_from_last_checkpoint(tiny_folder, cache_dir, tmp_path):

@@ -277,3 +277,25 @@ def test_model_card_and_phone_layout(phone: Page, server: Server) -> None:
     expect(phone.locator(".result-card canvas.overlay")).to_have_count(1)
     assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "page scrolls sideways"
     shot(phone, "06-phone")
+
+
+def test_model_card_draws_the_reliability_diagram(page: Page, server: Server) -> None:
+    calibration = httpx.get(f"{server.url}/health").json()["model"]["calibration"]
+    if calibration is None:  # the untrained test bundle carries no temperature
+        expect(page.locator("#calibration")).to_be_hidden()
+        return
+    served = calibration["test"]["flip"]
+    dots = {phase: [b for b in served[phase]["reliability"] if b["count"]] for phase in ("before", "after")}
+    expect(page.locator("#reliability-plot .rel-before circle")).to_have_count(len(dots["before"]))
+    expect(page.locator("#reliability-plot .rel-after circle")).to_have_count(len(dots["after"]))
+    expect(page.locator("#reliability-plot .rel-diagonal")).to_have_count(1)
+    expect(page.locator("#reliability-caption")).to_contain_text(f"ECE {100 * served['after']['ece']:.1f}%")
+    expect(page.locator("#calibration-head th")).to_have_count(1 + len(calibration["test"]))  # a column per mode
+    expect(page.locator("#calibration-body tr")).to_have_count(3)  # ECE, NLL, Brier
+    expect(page.locator("#calibration-summary")).to_contain_text(f"{calibration['temperature']:.3f}")
+    # Dots run left to right in bin order: confidence on the x axis.
+    xs = page.locator("#reliability-plot .rel-after circle").evaluate_all("cs => cs.map(c => +c.getAttribute('cx'))")
+    assert xs == sorted(xs) and len(set(xs)) == len(xs)
+    page.locator("#calibration").scroll_into_view_if_needed()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#model-card").screenshot(path=str(ARTIFACTS / "07-reliability.png"))

@@ -1,4 +1,5 @@
-"""``python -m training fit|test|export``: train, evaluate a checkpoint, write a serving bundle."""
+"""``python -m training fit|test|export|calibrate``: train, evaluate a checkpoint, write a serving bundle,
+fit a bundle's temperature."""
 
 from __future__ import annotations
 
@@ -133,6 +134,23 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"bundle written to {path}")
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from training.calibration import calibrate_bundle
+
+    record = calibrate_bundle(
+        Path(args.bundle), data_dir=args.data_dir, cache_dir=Path(args.cache_dir) if args.cache_dir else None
+    )
+    print(f"temperature {record['temperature']} fitted on {record['fitted_on']['images']} held-out images")
+    for mode, figures in record["test"].items():
+        before, after = figures["before"], figures["after"]
+        print(
+            f"test, TTA {mode}: ECE {before['ece']:.4f} -> {after['ece']:.4f}, NLL {before['nll']:.4f} -> "
+            f"{after['nll']:.4f}, Brier {before['brier']:.4f} -> {after['brier']:.4f}, "
+            f"accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}"
+        )
+    print(f"written to {Path(args.bundle) / 'model.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--misclassified", type=int, default=40, help="test images the model got wrong to ship")
     data_args(export, required=False)
     export.set_defaults(func=cmd_export)
+
+    calibrate = sub.add_parser(
+        "calibrate", help="fit a bundle's temperature on its held-out images; rewrites model.json's calibration"
+    )
+    calibrate.add_argument("bundle", help="bundle directory, e.g. models/cifar10-resnet")
+    data_args(calibrate, required=False)
+    calibrate.set_defaults(func=cmd_calibrate)
     return parser
 
 

@@ -200,6 +200,7 @@
       .filter((name) => name in perClass)
       .map((name) => barRow(name, perClass[name], false, `${name}: ${pct(perClass[name])} of its test images correct`));
     $("per-class").replaceChildren(...(rows.length ? rows : [el("li", { class: "field-help" }, "Not recorded in this bundle.")]));
+    renderCalibration(model.calibration, health.test_time_augmentation);
 
     $("layers-body").replaceChildren(
       ...state.layers.map((layer) =>
@@ -232,6 +233,152 @@
     targetSelect.replaceChildren(
       el("option", { value: "" }, "Predicted class"),
       ...state.classes.map((name) => el("option", { value: name }, name)),
+    );
+  }
+
+  // ---------------------------------------------------------------- calibration (model card)
+
+  const SVG_NS = "http://www.w3.org/2000/svg";
+
+  function svgEl(tag, attrs, ...children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
+    for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    return node;
+  }
+
+  /** Temperature, its test-set effect per TTA mode, and the served mode's reliability diagram. */
+  function renderCalibration(calibration, servedMode) {
+    const section = $("calibration");
+    section.hidden = !calibration;
+    if (!calibration) return;
+    const T = calibration.temperature;
+    const images = calibration.fitted_on_images;
+    const fitted = images ? `, fitted on ${images.toLocaleString("en-US")} held-out training images` : "";
+    const modes = Object.keys(calibration.test || {}).sort((a, b) => (b === servedMode) - (a === servedMode));
+    const served = (calibration.test || {})[servedMode] || (calibration.test || {})[modes[0]];
+    let summary = `Probabilities are temperature-scaled: logits ÷ ${T.toFixed(3)} before the softmax${fitted}.`;
+    if (served) {
+      summary +=
+        ` On the test set, answers said to be ${pct(served.after.mean_confidence, 0)} sure on average were right` +
+        ` ${pct(served.after.accuracy, 0)} of the time (before: ${pct(served.before.mean_confidence, 0)} said, ` +
+        `${pct(served.before.accuracy, 0)} right).`;
+    }
+    $("calibration-summary").textContent = summary;
+
+    const figure = section.querySelector(".reliability");
+    figure.hidden = !served;
+    section.querySelector(".table-wrap").hidden = !modes.length;
+    if (served) {
+      $("reliability-plot").replaceChildren(reliabilityDiagram(served.before, served.after, T));
+      $("reliability-caption").replaceChildren(
+        "Reliability on the test set, ",
+        servedMode in calibration.test ? `${servedMode} TTA (served). ` : `${modes[0]} TTA. `,
+        el("span", { class: "swatch swatch-before", "aria-hidden": "true" }),
+        ` before (T = 1): ECE ${pct(served.before.ece)}; `,
+        el("span", { class: "swatch swatch-after", "aria-hidden": "true" }),
+        ` after (T = ${T.toFixed(2)}): ECE ${pct(served.after.ece)}. ` +
+          `Dots: confidence bins (${served.after.reliability.length}, area by image count); ` +
+          "on the dashed diagonal, confidence equals accuracy.",
+      );
+    }
+    // One row per metric, one column per TTA mode (the served one first): fits the card's width.
+    const fixed3 = (v) => v.toFixed(3);
+    const metrics = [
+      ["ECE", "ece", (v) => pct(v)],
+      ["NLL", "nll", fixed3],
+      ["Brier", "brier", fixed3],
+    ];
+    $("calibration-head").replaceChildren(
+      el(
+        "tr",
+        {},
+        el("th", { scope: "col" }, "Test set"),
+        ...modes.map((mode) =>
+          el("th", { scope: "col" }, `${mode} TTA`, mode === servedMode ? el("span", { class: "badge" }, "served") : null),
+        ),
+      ),
+    );
+    $("calibration-body").replaceChildren(
+      ...metrics.map(([name, key, format]) =>
+        el(
+          "tr",
+          {},
+          el("th", { scope: "row" }, name),
+          ...modes.map((mode) => {
+            const { before, after } = calibration.test[mode];
+            return el("td", { title: "before (T = 1) → after" }, `${format(before[key])} → ${format(after[key])}`);
+          }),
+        ),
+      ),
+    );
+  }
+
+  /** Confidence (x) against accuracy (y) per bin, before and after the temperature, over the diagonal. */
+  function reliabilityDiagram(before, after, temperature) {
+    const size = 260;
+    const pad = { left: 36, right: 10, top: 10, bottom: 34 };
+    const w = size - pad.left - pad.right;
+    const h = size - pad.top - pad.bottom;
+    const x = (v) => (pad.left + v * w).toFixed(1);
+    const y = (v) => (pad.top + (1 - v) * h).toFixed(1);
+    const counts = [...before.reliability, ...after.reliability].map((b) => b.count);
+    const maxCount = Math.max(1, ...counts);
+    const ticks = [0, 0.25, 0.5, 0.75, 1];
+
+    const axes = svgEl(
+      "g",
+      { class: "rel-axes" },
+      ...ticks.flatMap((t) => [
+        svgEl("line", { class: "rel-grid", x1: x(t), x2: x(t), y1: y(0), y2: y(1) }),
+        svgEl("line", { class: "rel-grid", x1: x(0), x2: x(1), y1: y(t), y2: y(t) }),
+        svgEl("text", { class: "rel-tick", x: x(t), y: Number(y(0)) + 12, "text-anchor": "middle" }, `${t * 100}`),
+        svgEl("text", { class: "rel-tick", x: pad.left - 4, y: Number(y(t)) + 3, "text-anchor": "end" }, `${t * 100}`),
+      ]),
+      svgEl("text", { class: "rel-axis-title", x: x(0.5), y: size - 4, "text-anchor": "middle" }, "confidence (%)"),
+      svgEl(
+        "text",
+        { class: "rel-axis-title", x: 10, y: y(0.5), "text-anchor": "middle", transform: `rotate(-90 10 ${y(0.5)})` },
+        "accuracy (%)",
+      ),
+      svgEl("line", { class: "rel-diagonal", x1: x(0), y1: y(0), x2: x(1), y2: y(1) }),
+    );
+
+    const series = (report, name, label) => {
+      const bins = report.reliability.filter((b) => b.count > 0);
+      return svgEl(
+        "g",
+        { class: `rel-series rel-${name}` },
+        svgEl("polyline", { points: bins.map((b) => `${x(b.confidence)},${y(b.accuracy)}`).join(" ") }),
+        ...bins.map((b) =>
+          svgEl(
+            "circle",
+            { cx: x(b.confidence), cy: y(b.accuracy), r: (1.5 + 4.5 * Math.sqrt(b.count / maxCount)).toFixed(2) },
+            svgEl(
+              "title",
+              {},
+              `${label}: ${b.count} images with confidence ${pct(b.lower, 0)}–${pct(b.upper, 0)}, ` +
+                `on average ${pct(b.confidence)} sure, ${pct(b.accuracy)} right`,
+            ),
+          ),
+        ),
+      );
+    };
+
+    return svgEl(
+      "svg",
+      {
+        viewBox: `0 0 ${size} ${size}`,
+        role: "img",
+        "aria-label":
+          `Reliability diagram: test-set accuracy against confidence per bin. Before calibration the ` +
+          `confidence averages ${pct(before.mean_confidence)} at ${pct(before.accuracy)} accuracy (ECE ` +
+          `${pct(before.ece)}); after T = ${temperature.toFixed(2)} it averages ${pct(after.mean_confidence)} ` +
+          `(ECE ${pct(after.ece)}).`,
+      },
+      axes,
+      series(before, "before", "before"),
+      series(after, "after", "after"),
     );
   }
 
