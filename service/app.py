@@ -129,6 +129,7 @@ def _lifespan(preloaded: Bundle | None):
             state.torch_threads,
             engine.trace_reason,
         )
+        del engine, bundle  # state.engine is the one serving from now on: a reload must be able to free these
         hangup = _reload_on_sighup(state)
         try:
             yield

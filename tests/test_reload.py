@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import os
 import shutil
 import signal
 import time
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -200,3 +202,12 @@ def test_sighup_and_tritonclient_load_reload_a_real_server(bundles, tmp_path):
         finally:
             client.close()
     assert "SIGHUP reload refused" in (tmp_path / "server.log").read_text()
+
+
+async def test_a_replaced_engine_is_freed(served, bundles):
+    """Nothing keeps the old engine (its model, traced module and cast weights) once it has no requests."""
+    first = weakref.ref(served.app.state.camserve.engine)
+    point(served.link, bundles.second)
+    assert (await served.client.post(f"/v2/repository/models/{MODEL}/load")).status_code == 200
+    gc.collect()
+    assert first() is None
