@@ -26,6 +26,18 @@ from starlette.concurrency import run_in_threadpool
 
 from camcore.bundle import BundleError
 from service.engine import InferenceEngine
+from service.oip_schemas import (
+    INFER_REQUEST_BODY,
+    InferenceResponse,
+    Live,
+    LoadResult,
+    ModelMetadata,
+    ModelReady,
+    Ready,
+    RepositoryModel,
+    ServerMetadata,
+    errors,
+)
 from service.oip_wire import (
     HEADER_LENGTH,
     InferRequest,
@@ -66,17 +78,22 @@ def _serving(state: ServiceState, name: str, version: str | None = None) -> Infe
 
 
 # -- health and metadata -----------------------------------------------------------------------------
-@router.get("", summary="Server metadata")
+@router.get("", response_model=ServerMetadata, summary="Server metadata")
 async def server_metadata(request: Request) -> dict[str, Any]:
     return {"name": "camserve", "version": request.app.version, "extensions": EXTENSIONS}
 
 
-@router.get("/health/live", summary="The process is up")
+@router.get("/health/live", response_model=Live, summary="The process is up")
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="The model is loaded and warm, and the service is not draining")
+@router.get(
+    "/health/ready",
+    response_model=Ready,
+    responses={503: {"model": Ready, "description": "loading or draining"}},
+    summary="The model is loaded and warm, and the service is not draining",
+)
 async def ready(request: Request) -> JSONResponse:
     state: ServiceState = request.app.state.camserve
     is_ready = state.ready and not state.draining
@@ -102,14 +119,21 @@ def _metadata(engine: InferenceEngine) -> dict[str, Any]:
     }
 
 
-@router.get("/models/{name}", summary="Model metadata: one of the two inputs, both outputs")
-@router.get("/models/{name}/versions/{version}", summary="Model metadata of one version", include_in_schema=False)
+@router.get(
+    "/models/{name}",
+    response_model=ModelMetadata,
+    responses=errors(404, 503),
+    summary="Model metadata: one of the two inputs, both outputs",
+)
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, include_in_schema=False)
 async def model_metadata(state: State, name: str, version: str | None = None) -> dict[str, Any]:
     return _metadata(_serving(state, name, version))
 
 
-@router.get("/models/{name}/ready", summary="The model is ready to infer")
-@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+@router.get(
+    "/models/{name}/ready", response_model=ModelReady, responses=errors(404, 503), summary="The model is ready to infer"
+)
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady, include_in_schema=False)
 async def model_ready(state: State, name: str, version: str | None = None) -> dict[str, Any]:
     _serving(state, name, version)
     return {"name": name, "ready": True}
@@ -194,8 +218,24 @@ async def _read_request(request: Request) -> InferRequest:
     return parse_request(*split_body(body, header_length))
 
 
-@router.post("/models/{name}/infer", dependencies=[Authorized], summary="Class probabilities and labels")
-@router.post("/models/{name}/versions/{version}/infer", dependencies=[Authorized], include_in_schema=False)
+@router.post(
+    "/models/{name}/infer",
+    dependencies=[Authorized],
+    response_model=None,
+    responses={
+        200: {
+            "model": InferenceResponse,
+            "description": "JSON; or, when an output was asked in binary, this JSON then the outputs' bytes",
+            "content": {"application/octet-stream": {}},
+        },
+        **errors(400, 401, 404, 408, 413, 415, 503, 504),
+    },
+    openapi_extra=INFER_REQUEST_BODY,
+    summary="Class probabilities and labels",
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer", dependencies=[Authorized], response_model=None, include_in_schema=False
+)
 async def infer(request: Request, state: State, name: str, version: str | None = None) -> Response:
     engine = _serving(state, name, version)  # this request is answered by this model, even if another is loaded
     try:
@@ -230,7 +270,13 @@ async def infer(request: Request, state: State, name: str, version: str | None =
 
 
 # -- model repository extension: hot reload ------------------------------------------------------------
-@router.post("/repository/index", dependencies=[Authorized], summary="The model this server serves")
+@router.post(
+    "/repository/index",
+    dependencies=[Authorized],
+    response_model=list[RepositoryModel],
+    responses=errors(401, 408, 413, 503),
+    summary="The model this server serves",
+)
 async def repository_index(state: State) -> list[dict[str, str]]:
     bundle = state.engine.bundle
     return [{"name": bundle.name, "version": bundle.version, "state": "READY", "reason": ""}]
@@ -239,6 +285,8 @@ async def repository_index(state: State) -> list[dict[str, str]]:
 @router.post(
     "/repository/models/{name}/load",
     dependencies=[Authorized],
+    response_model=LoadResult,
+    responses=errors(400, 401, 404, 408, 413, 503),
     summary="Reload the bundle at CAMSERVE_MODEL_DIR: verified, warmed, then swapped in between batches",
 )
 async def load(request: Request, state: State, name: str) -> dict[str, Any]:
