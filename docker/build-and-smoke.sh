@@ -369,7 +369,9 @@ stop_and_check() {
   log "container exited with code $code after $((SECONDS - started)) s; last log lines:"
   podman logs --tail 6 "$CONTAINER" 2>&1 | sed 's/^/  /'
   [ "$code" = 0 ] || die "exit code $code after SIGTERM (expected 0: graceful shutdown)"
-  podman logs "$CONTAINER" 2>&1 | grep -q 'Application shutdown complete' \
+  # into a file first: `podman logs | grep -q` fails under pipefail when grep stops reading early
+  podman logs "$CONTAINER" >"$STATE/container.log" 2>&1
+  grep -q 'Application shutdown complete' "$STATE/container.log" \
     || die "no 'Application shutdown complete' in the logs: not a graceful shutdown"
 }
 
