@@ -38,8 +38,9 @@
 #   CAMSERVE_TORCH_CPU_INDEX_URL  the CPU image's torch index (default empty: the package sources
 #                           of this machine's pip, as above; elsewhere PyTorch's CPU index,
 #                           https://download.pytorch.org/whl/cpu, the Dockerfile's default)
-#   CAMSERVE_TORCH_CPU_VERSION    the CPU image's torch (default empty: pyproject.toml's pin; on
-#                           this project's machines the one CPU build on disk: 2.13.0+cpu)
+#   CAMSERVE_TORCH_CPU_VERSION    the CPU image's torch (default: the newest torch-*+cpu wheel in
+#                           pip's find-links folders, where the index is pip's own (on this
+#                           project's machines 2.13.0+cpu); otherwise pyproject.toml's pin)
 #   CAMSERVE_PODMAN_LAYERS  podman build --layers      (default false: vfs stores every layer as
 #                           a full copy, and the venv alone is ~5.5 GB)
 #   CAMSERVE_SMOKE_OVERRIDE 0 skips the second run (mounted bundle, read-only root, no
@@ -190,8 +191,22 @@ for key, value in sorted(values.items()):
 
 image_of() { if [ "$1" = cuda ]; then echo "$IMAGE_BASE"; else echo "$IMAGE_BASE-$1"; fi; }
 
+# The version of the newest torch-*+cpu wheel in pip's find-links folders (pip_sources ran), or nothing.
+cpu_torch_on_disk() {
+  local dir wheel
+  for dir in $(sed -n 's/^find-links = //p' "$STATE/pip/pip.conf"); do
+    wheel=$(find "$dir" -maxdepth 1 -name 'torch-*+cpu-*.whl' -printf '%f\n' 2>/dev/null | sort -V | tail -1)
+    if [ -n "$wheel" ]; then cut -d- -f2 <<<"$wheel"; return; fi
+  done
+}
+
 build() {
   local variant
+  pip_sources
+  if [ -z "$TORCH_CPU_INDEX_URL" ] && [ -z "$TORCH_CPU_VERSION" ]; then
+    TORCH_CPU_VERSION=$(cpu_torch_on_disk)
+    [ -z "$TORCH_CPU_VERSION" ] || log "CPU image: torch $TORCH_CPU_VERSION, the CPU wheel in pip's find-links"
+  fi
   for variant in $VARIANTS; do
     IMAGE=$(image_of "$variant") build_one "$variant"
   done
@@ -200,7 +215,6 @@ build() {
 build_one() {  # build_one <cuda|cpu>, tagged $IMAGE
   [ -f "$ROOT/$BUNDLE/model.json" ] || die "$BUNDLE/model.json is missing: export a bundle first"
   [ -f "$ROOT/README.md" ] || die "README.md is missing (pyproject.toml's readme)"
-  pip_sources
   # an interrupted build leaves buildah working containers behind (GBs each on vfs); this storage
   # is the script's own, so anything external in it is such a leftover
   local stale
