@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.batcher import BatchFailed, DynamicBatcher, QueueFull, ShuttingDown
 from service.engine import GradcamJob
+from service.reload import pin
 from service.render import colormap_lut, overlay, png_base64, png_bytes
 from service.schemas import (
     ErrorResponse,
@@ -126,11 +127,12 @@ async def predict(
     state: State,
     top_k: Annotated[int, Query(ge=1, le=10, description="classes to return per image")] = 3,
 ) -> JSONResponse:
-    classes = state.bundle.classes
+    engine = state.engine  # this request is answered by this model, even if another is loaded meanwhile
+    classes = engine.bundle.classes
     if top_k > len(classes):
         raise HTTPException(422, f"top_k must be at most {len(classes)}")
     names, images = await _images(request, state)
-    rows = await _run(state, state.predict_batcher, images)
+    rows = await _run(state, state.predict_batcher, pin(engine, images))
     predictions = []
     for name, probabilities in zip(names, rows, strict=True):
         values, indices = probabilities.topk(top_k)
@@ -144,7 +146,7 @@ async def predict(
             }
         )
     # Built to the response model's shape; returned as-is to skip re-validating it on the hot path.
-    return JSONResponse({"model_version": state.bundle.version, "predictions": predictions})
+    return JSONResponse({"model_version": engine.bundle.version, "predictions": predictions})
 
 
 def _resolve_target(target: str | None, classes: list[str]) -> int | None:
@@ -180,16 +182,18 @@ async def gradcam(
     opacity: Annotated[float, Query(ge=0.0, le=1.0, description="heatmap opacity in the overlay")] = 0.5,
     format: Annotated[Literal["json", "png"], Query(description="png: the overlay image (one file only)")] = "json",
 ) -> Any:
-    classes = state.bundle.classes
-    layers = list(state.engine.model.blocks)
-    layer = layer or state.bundle.default_cam_layer
+    engine = state.engine
+    classes = engine.bundle.classes
+    layers = list(engine.model.blocks)
+    layer = layer or engine.bundle.default_cam_layer
     if layer not in layers:
         raise HTTPException(422, f"unknown layer {layer!r}; valid layers: {layers}")
     target_index = _resolve_target(target, classes)
     names, images = await _images(request, state)
     if format == "png" and len(images) != 1:
         raise HTTPException(422, "format=png returns one image: send exactly one file")
-    rows = await _run(state, state.gradcam_batcher, [GradcamJob(img, layer, target_index) for img in images])
+    jobs = [GradcamJob(img, layer, target_index) for img in images]
+    rows = await _run(state, state.gradcam_batcher, pin(engine, jobs))
     results = []
     for name, image, row in zip(names, images, rows, strict=True):
         heatmap = row.heatmap.numpy()
@@ -210,7 +214,7 @@ async def gradcam(
                 "overlay_png": png_base64(blended),
             }
         )
-    return JSONResponse({"model_version": state.bundle.version, "results": results})
+    return JSONResponse({"model_version": engine.bundle.version, "results": results})
 
 
 def calibration_info(meta: dict[str, Any]) -> dict[str, Any] | None:

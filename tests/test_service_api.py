@@ -341,8 +341,8 @@ async def test_full_queue_answers_503_with_retry_after(settings, bundle_dir):
 
 
 async def test_a_failing_batch_fails_only_its_requests(client, app):
-    engine = app.state.camserve.engine
-    original = engine.predict
+    engine_batcher = app.state.camserve.predict_batcher
+    original = engine_batcher._run_batch
     calls = {"n": 0}
 
     def flaky(images):
@@ -351,7 +351,6 @@ async def test_a_failing_batch_fails_only_its_requests(client, app):
             raise RuntimeError("simulated device fault")
         return original(images)
 
-    engine_batcher = app.state.camserve.predict_batcher
     engine_batcher._run_batch = flaky
     try:
         failed = await client.post("/predict", files=files(("a.png", png(0))))
