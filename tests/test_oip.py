@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from harness import camserve
 from helpers import CLASSES, encode, random_image
 from PIL import Image
 from pydantic import SecretStr
-from serving import running_server
 
 from service.app import create_app
 from service.settings import Settings
@@ -61,8 +61,8 @@ def predict_probabilities(base: str, files: list[bytes]) -> tuple[np.ndarray, st
 @pytest.fixture(scope="module")
 def server(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("oip") / "server.log"
-    with running_server(bundle_dir, log, precision="fp32", max_batch_size="8", log_requests="false") as (base, _):
-        yield base
+    with camserve(bundle_dir, log, precision="fp32", max_batch_size="8", log_requests="false") as running:
+        yield running.base_url
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from harness import camserve
 from helpers import encode, make_bundle, random_image
-from serving import running_server
 
 from camcore.bundle import WEIGHTS_FILE
 from service.app import create_app
@@ -174,10 +174,8 @@ def test_sighup_and_tritonclient_load_reload_a_real_server(bundles, tmp_path):
     link = tmp_path / "current"
     point(link, bundles.first)
     key = {"X-API-Key": "sesame"}
-    with running_server(link, tmp_path / "server.log", precision="fp32", max_batch_size="4", api_key="sesame") as (
-        base,
-        process,
-    ):
+    with camserve(link, tmp_path / "server.log", precision="fp32", max_batch_size="4", api_key="sesame") as running:
+        base, process = running.base_url, running.process
         first = httpx.get(f"{base}/health").json()["model"]["version"]
         client = tritonclient_http.InferenceServerClient(base.removeprefix("http://"))
         try:
