@@ -10,7 +10,9 @@ from camcore.bundle import Bundle
 from service.batcher import DynamicBatcher
 from service.engine import GradcamJob, GradcamRow, InferenceEngine
 from service.metrics import ServiceMetrics
+from service.null_engine import NullEngine
 from service.settings import Settings
+from service.worker import WorkerSlot
 
 
 @dataclass
@@ -20,7 +22,7 @@ class ServiceState:
     settings: Settings
     metrics: ServiceMetrics
     bundle: Bundle | None = None
-    engine: InferenceEngine | None = None
+    engine: InferenceEngine | NullEngine | None = None
     predict_batcher: DynamicBatcher[torch.Tensor, torch.Tensor] | None = None
     gradcam_batcher: DynamicBatcher[GradcamJob, GradcamRow] | None = None
     misclassified: list[dict] = field(default_factory=list)
@@ -29,3 +31,4 @@ class ServiceState:
     torch_threads: int = 1  # intra-op threads per batch
     ready: bool = False
     draining: bool = False
+    worker: WorkerSlot | None = None  # one worker process of several (CAMSERVE_WORKERS > 1); None: the only one
