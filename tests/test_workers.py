@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import threading
@@ -165,11 +167,18 @@ def two_workers(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield base
 
 
-def test_one_worker_is_one_process_without_a_supervisor(bundle_dir: Path, tmp_path: Path) -> None:
-    with service(bundle_dir, tmp_path / "one.log", workers="1", **COMMON) as (base, process):
-        health = httpx.get(f"{base}/health").json()
-        assert health["workers"]["count"] == 1 and health["workers"]["slots"][0]["pid"] == process.pid
-        assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
+@pytest.fixture(scope="module")
+def one_process(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
+    log = tmp_path_factory.mktemp("one") / "server.log"
+    with service(bundle_dir, log, workers="1", **COMMON) as started:
+        yield started
+
+
+def test_one_worker_is_one_process_without_a_supervisor(one_process) -> None:
+    base, process = one_process
+    health = httpx.get(f"{base}/health").json()
+    assert health["workers"]["count"] == 1 and health["workers"]["slots"][0]["pid"] == process.pid
+    assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
 
 
 def test_health_describes_the_service(two_workers: str) -> None:
@@ -193,13 +202,10 @@ def test_both_workers_take_connections(two_workers: str) -> None:
     assert seen == {0, 1}
 
 
-def test_64_images_at_once_each_get_the_answer_they_get_alone(
-    two_workers: str, bundle_dir: Path, tmp_path: Path
-) -> None:
+def test_64_images_at_once_each_get_the_answer_they_get_alone(two_workers: str, one_process) -> None:
     seeds = list(range(64))
-    with service(bundle_dir, tmp_path / "one.log", workers="1", **COMMON) as (one_process, _):
-        with httpx.Client(timeout=60) as client:
-            alone = {seed: ask(client, one_process, seed) for seed in seeds}  # one at a time, one process
+    with httpx.Client(timeout=60) as client:  # one at a time, from the one-process service
+        alone = {seed: ask(client, one_process[0], seed) for seed in seeds}
     before = scrape(two_workers)
 
     def concurrently(seed: int) -> dict:
@@ -252,23 +258,31 @@ def test_overload_sheds_503_across_workers_and_one_scrape_counts_it(bundle_dir: 
         assert (httpx.post(f"{base}/predict", files={"files": ("x.png", image(0))}, timeout=60)).status_code == 200
 
 
+def multipart_body(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "camserve-test-boundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n\r\n'
+    return head.encode() + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(bundle_dir: Path, tmp_path: Path) -> None:
     settings = {**COMMON, "engine": "null", "null_batch_ms": "150", "max_batch_size": "1", "model_lanes": "1"}
     with service(bundle_dir, tmp_path / "drain.log", workers="2", **settings) as (base, process):
-        first_answered = threading.Event()
-
-        def post(seed: int) -> int:
-            response = httpx.post(f"{base}/predict", files={"files": ("x.png", image(seed))}, timeout=60)
-            first_answered.set()
-            return response.status_code
-
-        with ThreadPoolExecutor(12) as pool:
-            futures = [pool.submit(post, seed) for seed in range(12)]
-            # Once one answer is back, the others (sent with it) are in the workers' queues: ~0.9 s of work.
-            assert first_answered.wait(60)
-            process.send_signal(signal.SIGTERM)
-            codes = [future.result() for future in futures]
+        host, port = base.removeprefix("http://").split(":")
+        connections = []
+        for seed in range(12):  # every request sent in full before anything else happens
+            body, content_type = multipart_body(f"img{seed}.png", image(seed))
+            connection = http.client.HTTPConnection(host, int(port), timeout=60)
+            connection.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
+            connections.append(connection)
+        # The first answer comes after a 150 ms batch during which both event loops sat idle, so every
+        # request sent with it has been read: ~0.9 s of queued work when SIGTERM arrives.
+        first = connections[0].getresponse()
+        process.send_signal(signal.SIGTERM)
+        responses = [first] + [connection.getresponse() for connection in connections[1:]]
+        codes = [response.status for response in responses]
+        answers = [json.loads(response.read()) for response in responses]
         assert codes == [200] * 12
+        assert [a["predictions"][0]["filename"] for a in answers] == [f"img{seed}.png" for seed in range(12)]
         assert process.wait(timeout=60) == 0
         log = (tmp_path / "drain.log").read_text()
         assert log.count("Application shutdown complete") == 2
