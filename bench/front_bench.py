@@ -139,13 +139,25 @@ def run_hey(url: str, body: Path, content_type: str, concurrency: int, seconds: 
     return {"codes": codes, **latency}
 
 
+def batch_totals(base: str, endpoint: str) -> tuple[float, float]:
+    """(images, batches) run so far for the endpoint, over every worker (one scrape)."""
+    sums = {}
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        for name in ("camserve_batch_size_sum", "camserve_batch_size_count"):
+            if line.startswith(name + "{") and f'endpoint="{endpoint}"' in line:
+                sums[name] = float(line.rsplit(" ", 1)[1])
+    return sums.get("camserve_batch_size_sum", 0.0), sums.get("camserve_batch_size_count", 0.0)
+
+
 def measure(base: str, root: int, url_path: str, body: Path, content_type: str, args) -> dict:
     pids = server_pids(root)
+    images_before, batches_before = batch_totals(base, args.endpoint)
     before = {pid: cpu_seconds(pid) for pid in pids}
     started = time.perf_counter()
     hey = run_hey(base + url_path, body, content_type, args.concurrency, args.seconds)
     elapsed = time.perf_counter() - started
     after = {pid: cpu_seconds(pid) for pid in pids}
+    images_after, batches_after = batch_totals(base, args.endpoint)
     ok = hey["codes"].get(200, 0)
     per_process = {f"{process_name(pid)}:{pid}": round((after[pid] - before[pid]) * 1e6 / max(ok, 1)) for pid in pids}
     return {
@@ -154,6 +166,7 @@ def measure(base: str, root: int, url_path: str, body: Path, content_type: str, 
         "req_per_s": round(ok / elapsed, 1),
         "p50_ms": hey["p50_ms"],
         "p99_ms": hey["p99_ms"],
+        "mean_batch": round((images_after - images_before) / max(batches_after - batches_before, 1), 2),
         "cpu_us_per_request": round(sum(after[p] - before[p] for p in pids) * 1e6 / max(ok, 1)),
         "cpu_us_per_request_by_process": per_process,
     }
@@ -210,13 +223,13 @@ def main() -> None:
     history = [run for run in history if run.get("label") != args.label or not args.label] + [record]
     args.output.write_text(json.dumps(history, indent=1) + "\n")
     print()
-    print("| workers | body | req/s | p50 ms | p99 ms | CPU us/request (all) | by process |")
-    print("|---:|---|---:|---:|---:|---:|---|")
+    print("| workers | body | req/s | p50 ms | p99 ms | mean batch | CPU us/request (all) | by process |")
+    print("|---:|---|---:|---:|---:|---:|---:|---|")
     for row in rows:
         by = ", ".join(f"{k.split(':')[0]} {v}" for k, v in row["cpu_us_per_request_by_process"].items())
         print(
             f"| {row['workers']} | {row['body']} | {row['req_per_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
-            f"| {row['cpu_us_per_request']} | {by} |"
+            f"| {row['mean_batch']} | {row['cpu_us_per_request']} | {by} |"
         )
 
 

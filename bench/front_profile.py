@@ -1,9 +1,10 @@
 """Where a request's CPU goes in the front: cProfile of the one-process server's event loop under hey.
 
-Runs ``python -m cProfile -m service`` with the null engine (so only the HTTP front, decoding and
-answer building are on the profile), loads it with ``hey`` for a few seconds with one body kind,
-stops it with SIGTERM and prints the functions with the most CPU per request (cProfile's own
-overhead inflates small calls: read the shares, not the absolute figures).
+Runs the one-process service with the null engine (so only the HTTP front, decoding and answer
+building are on the profile) and a profiler on its event-loop thread that SIGUSR1 starts and
+SIGUSR2 stops and dumps, so start-up and warm-up stay off the profile; loads it with ``hey`` for a
+few seconds with one body kind and prints the functions with the most CPU per request (cProfile's
+own overhead inflates small calls: read the shares, not the absolute figures).
 
     flock -x /tmp/camserve-cpu.lock python bench/front_profile.py --body multipart --seconds 5
 """
@@ -24,6 +25,19 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from front_bench import BOUNDARY, REPO, cifar_png, free_port, multipart, photo_jpeg, run_hey  # noqa: E402
+
+
+LAUNCHER = """
+import cProfile, signal, sys
+from service.__main__ import main
+profiler = cProfile.Profile()
+signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())
+def stop(*_):
+    profiler.disable()
+    profiler.dump_stats(sys.argv[1])
+signal.signal(signal.SIGUSR2, stop)
+main()
+"""
 
 
 def main() -> None:
@@ -52,7 +66,7 @@ def main() -> None:
         "CAMSERVE_LOG_LEVEL": "warning",
     }
     profile = scratch / "front.prof"
-    command = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "service"]
+    command = [sys.executable, "-c", LAUNCHER, str(profile)]
     process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     while True:
@@ -61,7 +75,13 @@ def main() -> None:
                 break
         except httpx.HTTPError:
             time.sleep(0.3)
+    run_hey(f"{base}/predict", body, content_type, args.concurrency, 1.0)  # warm: connections, first calls
+    process.send_signal(signal.SIGUSR1)
     hey = run_hey(f"{base}/predict", body, content_type, args.concurrency, args.seconds)
+    process.send_signal(signal.SIGUSR2)
+    while not profile.exists():
+        time.sleep(0.1)
+    time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     process.wait(120)
     ok = hey["codes"].get(200, 0)
