@@ -24,8 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from front_bench import BOUNDARY, REPO, cifar_png, free_port, multipart, photo_jpeg, run_hey  # noqa: E402
-
+from front_bench import BOUNDARY, REPO, cifar_png, free_port, multipart, photo_jpeg, run_hey
 
 LAUNCHER = """
 import cProfile, signal, sys
