@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from uvicorn.config import STARTUP_FAILURE
 
 from service.settings import Settings
 
@@ -142,7 +145,19 @@ def _publishing_lifespan(app: FastAPI, slot: WorkerSlot, precision_reason: str |
 
 
 def create_worker_app() -> FastAPI:
-    """uvicorn's app factory in each worker process (``service.worker:create_worker_app``)."""
+    """uvicorn's app factory in each worker process (``service.worker:create_worker_app``).
+
+    A factory that fails would fail the same way in every replacement: it exits with uvicorn's
+    STARTUP_FAILURE status, on which the supervisor stops the service instead of restarting forever.
+    """
+    try:
+        return _worker_app()
+    except Exception:
+        logging.getLogger("camserve.worker").exception("worker cannot start")
+        sys.exit(STARTUP_FAILURE)
+
+
+def _worker_app() -> FastAPI:
     from service.app import create_app  # torch and the app load here, in the worker, not at import
     from service.cpus import available_cpus
     from service.logs import configure_logging

@@ -6,6 +6,8 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from helpers import encode, random_image
 from prometheus_client.parser import text_string_to_metric_families
 from serving import running_server
@@ -311,3 +314,22 @@ def test_a_killed_worker_is_restarted_and_the_service_keeps_answering(bundle_dir
         samples = scrape(base)
         assert total(samples, "camserve_requests_total", endpoint="/predict", status="200") >= 9
         assert "died" in (tmp_path / "kill.log").read_text()
+
+
+def test_workers_that_cannot_start_stop_the_service_with_a_failure_status(bundle_dir: Path, tmp_path: Path) -> None:
+    # The supervisor starts (fp32 needs no timing there), each worker's start-up fails on the absent GPU.
+    env = {
+        **os.environ,
+        "CAMSERVE_MODEL_DIR": str(bundle_dir),
+        "CAMSERVE_PORT": "0",
+        "CAMSERVE_WORKERS": "2",
+        "CAMSERVE_PRECISION": "fp32",
+        "CAMSERVE_DEVICE": "cuda",
+    }
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    log = tmp_path / "fail.log"
+    with log.open("wb") as out:
+        status = subprocess.run([sys.executable, "-m", "service"], env=env, stdout=out, stderr=out, timeout=300)
+    assert status.returncode != 0
+    assert "failed to start" in log.read_text()
