@@ -252,7 +252,9 @@ def test_overload_sheds_503_across_workers_and_one_scrape_counts_it(bundle_dir: 
             )
         codes = [r.status_code for r in responses]
         assert set(codes) <= {200, 503} and codes.count(503) > 0
-        assert codes.count(200) >= 6  # at least what both workers hold at once: 2 x (1 running + 2 queued)
+        # At least what one worker holds at once (1 running + 2 queued); which worker accepts how many
+        # connections is the kernel's and the event loops' race, so not more than that is certain.
+        assert codes.count(200) >= 3
         assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
         samples = scrape(base)
         assert total(samples, "camserve_rejections_total", reason="queue_full") == codes.count(503)
