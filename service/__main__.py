@@ -1,16 +1,19 @@
-"""``python -m service``: validate the bundle, then serve it with uvicorn (graceful on SIGTERM)."""
+"""``python -m service``: validate the bundle, then serve it with uvicorn (graceful on SIGTERM).
+
+One worker (``CAMSERVE_WORKERS=1``, and ``auto`` on up to 2 CPUs): this process serves. Several:
+this process supervises that many worker processes on one port (service/supervisor.py).
+Kept light at import: every worker process imports this module again (multiprocessing's spawn
+re-imports the main module) before it answers its supervisor's health checks.
+"""
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 
 import uvicorn
 from pydantic import ValidationError
 
-from camcore.bundle import BundleError, load_bundle
-from service.app import create_app
 from service.settings import Settings
 
 
@@ -25,38 +28,54 @@ def _setting_problem(error: dict) -> str:
     return f"CAMSERVE_{'_'.join(map(str, error['loc'])).upper()}: {error['msg']}"
 
 
-def main() -> None:
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        problems = "; ".join(_setting_problem(error) for error in exc.errors())
-        print(f"camserve: cannot start: {problems}", file=sys.stderr)
-        sys.exit(2)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Request lines are JSON objects already: one per line, nothing in front, for log shippers.
-    access = logging.getLogger("camserve.access")
-    json_lines = logging.StreamHandler()
-    json_lines.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(json_lines)
-    access.propagate = False
-    try:
-        bundle = load_bundle(settings.model_dir)
-    except BundleError as exc:
-        print(f"camserve: cannot start: {exc}", file=sys.stderr)
-        sys.exit(2)
-    app = create_app(settings, bundle=bundle)
-    # Uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler installed before it.
-    # Ours turns that into exit status 0: a drained shutdown is a clean one, for Docker and k8s alike.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _exit_cleanly)
-    uvicorn.run(
+def uvicorn_config(settings: Settings, app: object, **options: object) -> uvicorn.Config:
+    """THE uvicorn configuration, for the one-process service and every worker alike."""
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # one JSON line per request comes from RequestContext instead
         timeout_graceful_shutdown=settings.request_timeout_s,
+        **options,
     )
+
+
+def main() -> None:
+    from camcore.bundle import BundleError, load_bundle
+    from service.cpus import available_cpus
+    from service.logs import configure_logging
+    from service.supervisor import worker_count
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(_setting_problem(error) for error in exc.errors())
+        print(f"camserve: cannot start: {problems}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(settings)
+    try:
+        bundle = load_bundle(settings.model_dir)
+    except BundleError as exc:
+        print(f"camserve: cannot start: {exc}", file=sys.stderr)
+        sys.exit(2)
+    workers = worker_count(settings.workers, available_cpus())
+    if workers > 1:
+        from service.supervisor import serve_workers
+
+        sys.exit(serve_workers(settings, bundle, workers, uvicorn_config))
+
+    from service.app import create_app
+
+    app = create_app(settings, bundle=bundle)
+    # Uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler installed before it.
+    # Ours turns that into exit status 0: a drained shutdown is a clean one, for Docker and k8s alike.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
+    server = uvicorn.Server(uvicorn_config(settings, app))
+    server.run()
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from camcore.bundle import Bundle, load_bundle
 from service.batcher import DynamicBatcher, ModelThreads
+from service.cpus import available_cpus
 from service.engine import resolve_device
 from service.images import ImageRejected
 from service.metrics import ServiceMetrics
@@ -29,24 +30,27 @@ from service.routes import router
 from service.settings import Settings
 from service.state import ServiceState
 from service.web import mount_static
+from service.worker import WorkerSlot
 
 log = logging.getLogger("camserve")
 
 
-def parallelism(settings: Settings, device: torch.device) -> tuple[int, int | None]:
+def parallelism(settings: Settings, device: torch.device, cpus: int | None = None) -> tuple[int, int | None]:
     """(model lanes, torch intra-op threads; None: torch's default) for this device.
 
-    On a CPU, two lanes of cores/2 intra-op threads each: two batches run at once, each
+    On a CPU, two lanes of cpus/2 intra-op threads each: two batches run at once, each
     single-threaded on 2 cores, so no OpenMP barrier waits on a worker that the event loop preempted
     (one lane of 2 threads left ~20% of both cores idle at c=32, measured in
     bench/results/serve_tuning.md). On a GPU, one lane: its kernels queue on one stream anyway.
+    ``cpus``: what this process may use (a worker's share); default: the affinity mask capped by the
+    cgroup CPU quota (service/cpus.py), so a container limited to 2 CPUs on a 64-core node counts 2.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpus if cpus is not None else available_cpus()
     threads = settings.torch_threads
     lanes = settings.model_lanes
     if lanes is None:  # never more threads than cores: TORCH_THREADS=2 alone on 2 cores keeps one lane
         lanes = max(1, min(2, cores // (threads or 1))) if device.type == "cpu" else 1
-    if threads is None and device.type == "cpu" and lanes > 1:
+    if threads is None and device.type == "cpu":
         threads = max(1, cores // lanes)
     return lanes, threads
 
@@ -78,13 +82,13 @@ def _reload_on_sighup(state: ServiceState) -> Callable[[], None]:
     return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
-def _lifespan(preloaded: Bundle | None):
+def _lifespan(preloaded: Bundle | None, cpus: int | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state: ServiceState = app.state.camserve
         settings = state.settings
         device = resolve_device(settings.device)
-        lanes, threads = parallelism(settings, device)
+        lanes, threads = parallelism(settings, device, cpus)
         if threads:
             torch.set_num_threads(threads)
         bundle = preloaded or await run_in_threadpool(load_bundle, settings.model_dir)
@@ -107,7 +111,7 @@ def _lifespan(preloaded: Bundle | None):
             "gradcam", pinned_batch("gradcam"), on_batch=state.metrics.batch_observer("/gradcam"), **common
         )
         for name, batcher in (("/predict", state.predict_batcher), ("/gradcam", state.gradcam_batcher)):
-            state.metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.depth)
+            state.metrics.track_queue_depth(name, lambda b=batcher: b.depth)
             batcher.start()
         install(state, bundle, engine)
         state.lanes, state.torch_threads = lanes, torch.get_num_threads()
@@ -177,17 +181,24 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); request id {request_id}"}, 500)
 
 
-def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
-    """Build the service. ``bundle`` lets a caller that already loaded (and validated) it skip a reload."""
+def create_app(
+    settings: Settings | None = None,
+    bundle: Bundle | None = None,
+    *,
+    cpus: int | None = None,
+    worker: WorkerSlot | None = None,
+) -> FastAPI:
+    """Build the service. ``bundle`` lets a caller that already loaded (and validated) it skip a reload;
+    ``cpus`` and ``worker``: one worker process of several (service/worker.py)."""
     settings = settings or Settings()
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(multiprocess_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") if worker else None)
     app = FastAPI(
         title="camserve",
         summary="CIFAR-10 ResNet predictions and Grad-CAM explanations, dynamically batched.",
         version="0.1.0",
-        lifespan=_lifespan(bundle),
+        lifespan=_lifespan(bundle, cpus),
     )
-    app.state.camserve = ServiceState(settings=settings, metrics=metrics)
+    app.state.camserve = ServiceState(settings=settings, metrics=metrics, worker=worker)
     _error_handlers(app)
     app.include_router(router)
     install_oip(app)

@@ -1,8 +1,20 @@
-"""Prometheus metrics, one registry per app so several apps (tests) never share counters."""
+"""Prometheus metrics, one registry per app so several apps (tests) never share counters.
+
+With several worker processes (``CAMSERVE_WORKERS`` > 1) prometheus-client runs in multiprocess
+mode: every process writes its samples to files in ``PROMETHEUS_MULTIPROC_DIR`` (the supervisor's
+private directory) and a scrape of any worker reads them all, so one ``/metrics`` view shows the
+whole service. Two metric types need care there: a Gauge's ``set_function`` is never written to the
+files (so the queue depth is pushed after each batch and on each scrape, summed over live workers),
+and an Info is not supported at all (so the scraping worker adds its own: every worker serves the
+same model at the same precision, chosen once by the supervisor).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.batcher import BatchStats
 
@@ -11,9 +23,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 
 
 class ServiceMetrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._depth_functions: dict[str, Callable[[], int]] = {}
         self.requests = Counter("camserve_requests", "HTTP requests", ["endpoint", "method", "status"], registry=r)
         self.latency = Histogram(
             "camserve_request_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
@@ -36,11 +49,34 @@ class ServiceMetrics:
         self.dropped = Counter(
             "camserve_dropped_images", "Queued images dropped because their caller gave up", ["endpoint"], registry=r
         )
-        self.queue_depth = Gauge("camserve_queue_depth", "Images waiting", ["endpoint"], registry=r)
+        self.queue_depth = Gauge(
+            "camserve_queue_depth", "Images waiting", ["endpoint"], registry=r, multiprocess_mode="livesum"
+        )
         self.model = Info("camserve_model", "The model being served", registry=r)
+        # What /metrics exposes: this registry, or every worker's files plus this worker's Info.
+        self.exposed = r
+        self.multiprocess = multiprocess_dir is not None
+        if multiprocess_dir is not None:
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed, path=multiprocess_dir)
+            self.exposed.register(self.model)
+
+    def track_queue_depth(self, endpoint: str, depth: Callable[[], int]) -> None:
+        if self.multiprocess:  # set_function is invisible to other processes: pushed instead
+            self._depth_functions[endpoint] = depth
+            self.queue_depth.labels(endpoint).set(depth())
+        else:
+            self.queue_depth.labels(endpoint).set_function(depth)
+
+    def refresh(self) -> None:
+        """Before a scrape: this worker's queue depths as of now."""
+        for endpoint, depth in self._depth_functions.items():
+            self.queue_depth.labels(endpoint).set(depth())
 
     def batch_observer(self, endpoint: str):
         def observe(stats: BatchStats) -> None:
+            if depth := self._depth_functions.get(endpoint):
+                self.queue_depth.labels(endpoint).set(depth())
             if stats.dropped:
                 self.dropped.labels(endpoint).inc(stats.dropped)
             if not stats.size:

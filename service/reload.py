@@ -31,6 +31,7 @@ import torch
 from camcore.bundle import Bundle, load_bundle
 from camcore.network import block_geometry
 from service.engine import InferenceEngine
+from service.null_engine import NullEngine
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -73,8 +74,13 @@ def pinned_batch(method: str) -> Callable[[list[Pinned[Any]]], list[Any]]:
     return run
 
 
-def build_engine(bundle: Bundle, settings: Settings, device: torch.device) -> InferenceEngine:
-    """A warm engine for ``bundle``: precision chosen, traced, kernels selected. Blocking: run it on a model thread."""
+def build_engine(bundle: Bundle, settings: Settings, device: torch.device) -> InferenceEngine | NullEngine:
+    """A warm engine for ``bundle``: precision chosen, traced, kernels selected. Blocking: run it on a model thread.
+
+    ``CAMSERVE_ENGINE=null`` builds the stand-in that answers without running the network (service.null_engine).
+    """
+    if settings.engine == "null":
+        return NullEngine(bundle, settings.null_batch_ms, settings.tta)
     engine = InferenceEngine(bundle, device, settings.precision, settings.max_batch_size, settings.trace, settings.tta)
     engine.warm_up()
     return engine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import os
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -14,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.batcher import BatchFailed, DynamicBatcher, QueueFull, ShuttingDown
 from service.engine import GradcamJob
+from service.raw_body import REQUEST_BODY_OPENAPI, is_raw_image, read_raw_image
 from service.reload import pin
 from service.render import colormap_lut, overlay, png_base64, png_bytes
 from service.schemas import (
@@ -25,7 +27,7 @@ from service.schemas import (
     ValidationErrorResponse,
 )
 from service.state import ServiceState
-from service.uploads import MULTIPART_OPENAPI, decode_uploads, read_uploads
+from service.uploads import decode_uploads, read_uploads
 from service.web import STATIC_DIR
 
 router = APIRouter()
@@ -108,7 +110,10 @@ async def _run(state: ServiceState, batcher: DynamicBatcher, payloads: list) -> 
 
 async def _images(request: Request, state: ServiceState) -> tuple[list[str], list[torch.Tensor]]:
     settings = state.settings
-    files = await read_uploads(request, max_files=settings.max_files, max_bytes=settings.max_upload_bytes)
+    if is_raw_image(request.headers.get("content-type", "")):
+        files = await read_raw_image(request)
+    else:
+        files = await read_uploads(request, max_files=settings.max_files, max_bytes=settings.max_upload_bytes)
     images = await decode_uploads(files, max_pixels=settings.max_image_pixels, max_frames=settings.max_image_frames)
     request.state.images = len(images)
     return [name for name, _ in files], images
@@ -118,7 +123,7 @@ async def _images(request: Request, state: ServiceState) -> tuple[list[str], lis
     "/predict",
     response_model=PredictResponse,
     responses=ERRORS,
-    openapi_extra=MULTIPART_OPENAPI,
+    openapi_extra=REQUEST_BODY_OPENAPI,
     dependencies=[Authorized],
     summary="Top-k classes for one or more images",
 )
@@ -170,7 +175,7 @@ def _resolve_target(target: str | None, classes: list[str]) -> int | None:
     "/gradcam",
     response_model=GradcamResponse,
     responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or a PNG with format=png"}},
-    openapi_extra=MULTIPART_OPENAPI,
+    openapi_extra=REQUEST_BODY_OPENAPI,
     dependencies=[Authorized],
     summary="Grad-CAM heatmaps and overlays for one or more images",
 )
@@ -276,11 +281,27 @@ async def health(state: State) -> dict[str, Any]:
         "batching": {
             "max_batch_size": settings.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
-            "queue_size": settings.queue_size,
+            "queue_size": state.worker.total_queue_size if state.worker else settings.queue_size,
             "model_lanes": state.lanes,
             "torch_threads": state.torch_threads,
             "traced": engine.traced is not None,
         },
+        "workers": _workers(state),
+    }
+
+
+def _workers(state: ServiceState) -> dict[str, Any]:
+    """The service's worker processes; one process: itself."""
+    if state.worker is not None:
+        return state.worker.describe()
+    status = "draining" if state.draining else "ready" if state.ready else "loading"
+    slot = {"index": 0, "pid": os.getpid(), "status": status, "queue_size": state.settings.queue_size}
+    return {
+        "count": 1,
+        "ready": int(status == "ready"),
+        "this_worker": 0,
+        "queue_size": slot["queue_size"],
+        "slots": [slot],
     }
 
 
@@ -306,15 +327,24 @@ async def livez() -> dict[str, str]:
 @router.get("/readyz", summary="The model is loaded and warm, and the service is not draining")
 async def readyz(request: Request) -> JSONResponse:
     state: ServiceState = request.app.state.camserve
+    # With several workers, the one answering speaks for itself (a draining one must fail its probe)
+    # and says how many of the service's workers are ready.
+    extra = {}
+    if state.worker is not None:
+        view = state.worker.describe()
+        extra = {"workers": view["count"], "workers_ready": view["ready"]}
     if state.ready and not state.draining:
-        return JSONResponse({"status": "ready"})
-    return JSONResponse({"status": "draining" if state.draining else "loading"}, 503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ready", **extra})
+    return JSONResponse(
+        {"status": "draining" if state.draining else "loading", **extra}, 503, headers={"Retry-After": "1"}
+    )
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    registry = request.app.state.camserve.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    metrics = request.app.state.camserve.metrics
+    metrics.refresh()
+    return Response(generate_latest(metrics.exposed), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/", include_in_schema=False)

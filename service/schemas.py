@@ -119,6 +119,21 @@ class BatchingInfo(BaseModel):
     traced: bool = Field(description="/predict's forward runs as one TorchScript call")
 
 
+class WorkerSlotInfo(BaseModel):
+    index: int
+    pid: int | None
+    status: str = Field(examples=["ready"], description="starting, loading, ready, draining, or down (no process)")
+    queue_size: int | None = Field(None, description="this worker's share of the service's queue bound")
+
+
+class WorkersInfo(BaseModel):
+    count: int = Field(description="worker processes answering on this port (CAMSERVE_WORKERS)")
+    ready: int = Field(description="workers ready now")
+    this_worker: int = Field(description="the slot of the worker that answered this request")
+    queue_size: int = Field(description="the service's queue bound per endpoint: the workers' shares add up to it")
+    slots: list[WorkerSlotInfo]
+
+
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
     device: str = Field(examples=["cpu"])
@@ -130,6 +145,7 @@ class Health(BaseModel):
     model: ModelInfo
     gradcam: GradcamInfo
     batching: BatchingInfo
+    workers: WorkersInfo
 
 
 class MisclassifiedItem(BaseModel):

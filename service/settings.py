@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +37,16 @@ class Settings(BaseSettings):
         description="test-time augmentation: 'flip' averages each image's probabilities with its mirror's "
         "(the bundle's test_accuracy_flip_tta, for twice the model work); 'none' is the plain network",
     )
+
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        "auto",
+        description="processes answering HTTP on one port, each a full replica (model, batchers); "
+        "auto: 1 where at most 2 CPUs are available, else CPUs // 2 up to 8 (service/supervisor.py)",
+    )
+    engine: Literal["torch", "null"] = Field(
+        "torch", description="null: answers of the right shape without running the network, to measure the front"
+    )
+    null_batch_ms: float = Field(0.0, ge=0, le=10_000, description="null engine: sleep per batch (GIL released)")
 
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass")
     max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a batch waits to fill, when arrivals are due")

@@ -13,7 +13,9 @@ from camcore.bundle import Bundle
 from service.batcher import DynamicBatcher
 from service.engine import GradcamRow, InferenceEngine
 from service.metrics import ServiceMetrics
+from service.null_engine import NullEngine
 from service.settings import Settings
+from service.worker import WorkerSlot
 
 
 @dataclass
@@ -23,7 +25,7 @@ class ServiceState:
     settings: Settings
     metrics: ServiceMetrics
     bundle: Bundle | None = None
-    engine: InferenceEngine | None = None  # the one new requests are pinned to (service.reload)
+    engine: InferenceEngine | NullEngine | None = None  # the one new requests are pinned to (service.reload)
     # Payloads are service.reload.Pinned[torch.Tensor] and Pinned[GradcamJob].
     predict_batcher: DynamicBatcher[Any, torch.Tensor] | None = None
     gradcam_batcher: DynamicBatcher[Any, GradcamRow] | None = None
@@ -36,3 +38,4 @@ class ServiceState:
     torch_threads: int = 1  # intra-op threads per batch
     ready: bool = False
     draining: bool = False
+    worker: WorkerSlot | None = None  # one worker process of several (CAMSERVE_WORKERS > 1); None: the only one

@@ -105,7 +105,9 @@ def test_parallelism_never_asks_for_more_threads_than_cores():
         patch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
         assert parallelism(Settings(), cpu) == (2, 1)  # two single-threaded lanes
         assert parallelism(Settings(torch_threads=2), cpu) == (1, 2)  # the old one-lane setup
-        assert parallelism(Settings(model_lanes=1), cpu) == (1, None)
+        # One lane on a CPU is given the CPUs counted (affinity and cgroup quota), not torch's default
+        # (every physical core of the node, even in a container limited to fewer).
+        assert parallelism(Settings(model_lanes=1), cpu) == (1, 2)
         assert parallelism(Settings(), gpu) == (1, None)
         cores = 8
         assert parallelism(Settings(), cpu) == (2, 4)

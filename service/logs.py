@@ -1,0 +1,18 @@
+"""Log set-up shared by the one-process service and every worker process."""
+
+from __future__ import annotations
+
+import logging
+
+from service.settings import Settings
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Request lines are JSON objects already: one per line, nothing in front, for log shippers.
+    access = logging.getLogger("camserve.access")
+    if not access.handlers:
+        json_lines = logging.StreamHandler()
+        json_lines.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(json_lines)
+    access.propagate = False

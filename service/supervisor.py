@@ -1,0 +1,123 @@
+"""N worker processes on one port, one service to the outside (``CAMSERVE_WORKERS`` > 1).
+
+Each worker is a full replica: its own model, lanes and batchers (LitServe's ``workers_per_device``),
+and its own event loop parsing HTTP, which is what one process could not do fast enough. The
+process management is uvicorn's own multiprocess supervisor (``uvicorn.supervisors.Multiprocess``):
+it binds the socket once and hands it to every worker (the kernel spreads connections over the
+processes blocked in ``accept``), forwards SIGTERM/SIGINT to them and waits for each to drain,
+health-checks them over a pipe and restarts one that dies or hangs. This module adds what makes
+the replicas one service:
+
+* decisions taken once, here, for every worker and every restart: the worker count, the precision
+  (``auto`` timed on start-up by each worker could pick differently under contention, and the
+  answers must not depend on which process took the connection);
+* a private run directory (created here, removed at exit): prometheus-client's multiprocess files,
+  so one scrape of ``/metrics`` counts every worker's requests and batches, and the worker slots
+  (service/worker.py) that split the queue bound so the shares add up to ``CAMSERVE_QUEUE_SIZE``
+  and let ``/health`` describe every worker;
+* no silent half-service: a worker that dies is restarted (uvicorn's loop), and its live gauges are
+  dropped from the metrics; one that cannot start (uvicorn's STARTUP_FAILURE) stops the service,
+  and the exit status is then non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import uvicorn
+from prometheus_client.multiprocess import mark_process_dead
+from uvicorn.supervisors.multiprocess import Multiprocess
+
+from camcore.bundle import Bundle
+from service.settings import Settings
+from service.worker import RUN_DIR_ENV
+
+log = logging.getLogger("camserve.supervisor")
+
+WORKER_APP = "service.worker:create_worker_app"
+MAX_AUTO_WORKERS = 8
+HEALTHCHECK_TIMEOUT_S = 30  # a worker importing torch on a loaded machine answers its first ping late
+EXIT_WORKER_FAILED = 1
+
+
+def worker_count(setting: int | str, cpus: int) -> int:
+    """``auto``: 1 on up to 2 CPUs (a second replica would only compete with the first's two model
+    lanes for the same cores), else one worker per 2 CPUs, at most 8 (each is a model replica)."""
+    if setting != "auto":
+        return int(setting)
+    return 1 if cpus <= 2 else min(MAX_AUTO_WORKERS, cpus // 2)
+
+
+def decide_precision(settings: Settings, bundle: Bundle) -> tuple[str, str | None]:
+    """The precision every worker serves at, and why; timed here once when it is ``auto``."""
+    if settings.precision != "auto" or settings.engine == "null":
+        return settings.precision, None
+    from service.engine import InferenceEngine, resolve_device
+
+    engine = InferenceEngine(
+        bundle, resolve_device(settings.device), "auto", settings.max_batch_size, trace=False, tta=settings.tta
+    )
+    return engine.precision, f"{engine.precision_reason} (timed once by the supervisor for every worker)"
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor, plus: metrics bookkeeping for dead workers, and a failure exit status."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list, metrics_dir: Path) -> None:
+        super().__init__(config, sockets)
+        self.metrics_dir = metrics_dir
+        self.failed = False
+        self.restarts = 0
+
+    def keep_subprocess_alive(self) -> None:
+        exiting = self.should_exit.is_set()
+        before = {process.pid for process in self.processes}
+        super().keep_subprocess_alive()
+        for pid in before - {process.pid for process in self.processes}:
+            if pid is not None:
+                mark_process_dead(pid, str(self.metrics_dir))  # its queue depth no longer counts
+                self.restarts += 1
+                log.warning("worker %d died and was replaced (%d restart(s) so far)", pid, self.restarts)
+        if not exiting and self.should_exit.is_set():  # uvicorn gave up: a worker cannot start
+            self.failed = True
+
+
+def serve_workers(settings: Settings, bundle: Bundle, workers: int, make_config: Callable[..., uvicorn.Config]) -> int:
+    """Run ``workers`` replicas on ``settings.host:port`` until SIGTERM/SIGINT; the exit status."""
+    if settings.queue_size < workers:
+        log.error("CAMSERVE_QUEUE_SIZE=%d cannot be split over %d workers", settings.queue_size, workers)
+        return 2
+    precision, precision_reason = decide_precision(settings, bundle)
+    run_dir = Path(tempfile.mkdtemp(prefix="camserve-"))
+    try:
+        (run_dir / "metrics").mkdir()
+        (run_dir / "slots").mkdir()
+        (run_dir / "service.json").write_text(
+            json.dumps({"workers": workers, "precision": precision, "precision_reason": precision_reason})
+        )
+        # Inherited by every worker, restarted ones too (spawn copies this process's environment).
+        os.environ.update(
+            {
+                RUN_DIR_ENV: str(run_dir),
+                "PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"),
+                "CAMSERVE_PRECISION": precision,
+                "CAMSERVE_WORKERS": str(workers),
+            }
+        )
+        config = make_config(
+            settings, WORKER_APP, factory=True, workers=workers, timeout_worker_healthcheck=HEALTHCHECK_TIMEOUT_S
+        )
+        socket = config.bind_socket()
+        log.info("%d workers on %s:%d, precision %s", workers, settings.host, settings.port, precision)
+        supervisor = Supervisor(config, [socket], run_dir / "metrics")
+        supervisor.run()
+        socket.close()
+        return EXIT_WORKER_FAILED if supervisor.failed else 0
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
