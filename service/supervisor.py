@@ -40,7 +40,7 @@ from service.worker import RUN_DIR_ENV
 
 log = logging.getLogger("camserve.supervisor")
 
-WORKER_APP = "service.worker:create_worker_app"
+WORKER_APP = "service.worker_app:create_worker_app"
 MAX_AUTO_WORKERS = 8
 HEALTHCHECK_TIMEOUT_S = 30  # a worker importing torch on a loaded machine answers its first ping late
 EXIT_WORKER_FAILED = 1

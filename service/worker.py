@@ -1,7 +1,8 @@
-"""One of N worker processes (``CAMSERVE_WORKERS`` > 1): its slot, its share, and its app.
+"""One of N worker processes (``CAMSERVE_WORKERS`` > 1): its slot and its share.
 
 Each worker is a full replica (model, lanes, batchers) started by :mod:`service.supervisor` through
-uvicorn's multiprocess supervisor, which calls :func:`create_worker_app` in the child. What makes
+uvicorn's multiprocess supervisor, which calls :func:`service.worker_app.create_worker_app` in the
+child. What makes
 the N replicas one service lives in the supervisor's private run directory:
 
 * ``slots/<i>.lock``: a worker claims the first free slot with an exclusive ``flock`` held for its
@@ -17,19 +18,10 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from fastapi import FastAPI
-from uvicorn.config import STARTUP_FAILURE
-
-from service.settings import Settings
 
 RUN_DIR_ENV = "CAMSERVE_SUPERVISOR_DIR"  # set by the supervisor for its workers only; not a setting
 
@@ -124,51 +116,3 @@ class WorkerSlot:
             "this_worker": self.index,
             "slots": slots,
         }
-
-
-def _publishing_lifespan(app: FastAPI, slot: WorkerSlot, precision_reason: str | None):
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with inner(app):
-            engine = app.state.camserve.engine
-            if precision_reason and engine is not None:
-                engine.precision_reason = precision_reason
-            slot.publish("ready")
-            try:
-                yield
-            finally:
-                slot.publish("draining")
-
-    return lifespan
-
-
-def create_worker_app() -> FastAPI:
-    """uvicorn's app factory in each worker process (``service.worker:create_worker_app``).
-
-    A factory that fails would fail the same way in every replacement: it exits with uvicorn's
-    STARTUP_FAILURE status, on which the supervisor stops the service instead of restarting forever.
-    """
-    try:
-        return _worker_app()
-    except Exception:
-        logging.getLogger("camserve.worker").exception("worker cannot start")
-        sys.exit(STARTUP_FAILURE)
-
-
-def _worker_app() -> FastAPI:
-    from service.app import create_app  # torch and the app load here, in the worker, not at import
-    from service.cpus import available_cpus
-    from service.logs import configure_logging
-
-    settings = Settings()
-    configure_logging(settings)
-    run_dir = Path(os.environ[RUN_DIR_ENV])
-    service = read_service(run_dir)
-    count = service["workers"]
-    slot = WorkerSlot.claim(run_dir, count, settings.queue_size, available_cpus())
-    worker_settings = settings.model_copy(update={"queue_size": slot.queue_size})
-    app = create_app(worker_settings, cpus=slot.cpus, worker=slot)
-    app.router.lifespan_context = _publishing_lifespan(app, slot, service.get("precision_reason"))
-    return app
