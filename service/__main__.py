@@ -10,6 +10,7 @@ import uvicorn
 
 from camcore.bundle import BundleError, load_bundle
 from service.app import create_app
+from service.protocol import uvicorn_bounds
 from service.settings import Settings
 
 
@@ -43,6 +44,7 @@ def main() -> None:
         log_level=settings.log_level,
         access_log=False,  # one JSON line per request comes from RequestContext instead
         timeout_graceful_shutdown=settings.request_timeout_s,
+        **uvicorn_bounds(settings),  # header limits, connection deadlines and cap (service/protocol.py)
     )
 
 

@@ -8,6 +8,7 @@ import torch
 
 from camcore.bundle import Bundle
 from service.batcher import DynamicBatcher
+from service.decoding import Decoder
 from service.engine import GradcamJob, GradcamRow, InferenceEngine
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -23,6 +24,7 @@ class ServiceState:
     engine: InferenceEngine | None = None
     predict_batcher: DynamicBatcher[torch.Tensor, torch.Tensor] | None = None
     gradcam_batcher: DynamicBatcher[GradcamJob, GradcamRow] | None = None
+    decoder: Decoder | None = None  # decode threads and this process's decode memory budget
     misclassified: list[dict] = field(default_factory=list)
     layers: list[dict] = field(default_factory=list)  # Grad-CAM targets and their geometry, for /health
     lanes: int = 1  # batches that can run at once, each on its own model thread
