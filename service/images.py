@@ -69,7 +69,12 @@ class Probe:
     peak_bytes: int  # memory the decode is expected to peak at: reserved from the decode budget
 
     def close(self) -> None:
-        self.image.close()
+        """Close the image and let go of it: a decoded WebP's image keeps libwebp's canvases (twice the
+        decoded size) until the object itself is freed, and a request holds its probes until its last
+        image is decoded."""
+        if self.image is not None:
+            self.image.close()
+            self.image = None  # type: ignore[assignment]
 
 
 def mib(nbytes: int) -> str:
