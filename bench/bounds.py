@@ -3,6 +3,7 @@
     python bench/bounds.py calibrate          # each kind of image: estimated vs measured decode peak
     python bench/bounds.py memory [--tree DIR] # server RSS before, at the peak of, and after decode bursts
     python bench/bounds.py http --tree A=DIR --tree B=DIR  # hey, c=32, single-image /predict, interleaved
+    python bench/bounds.py allocator --mode none|trim|mmap4  # in process: what glibc keeps after decodes
 
 ``calibrate`` decodes one image per fresh process and compares :func:`service.images.probe_image`'s
 ``peak_bytes`` with the process's measured peak (``ru_maxrss`` over the RSS before the decode).
@@ -57,7 +58,6 @@ RESULTS = ROOT / "bench" / "results"
 MODEL_DIR = ROOT / "models" / "cifar10-resnet"
 PYTHON = sys.executable
 NO_TRIM = "import service.decoding as d; d._LIBC = None; from service.__main__ import main; main()"
-MMAP_4M = "import ctypes; ctypes.CDLL('libc.so.6').mallopt(-3, 4 << 20); from service.__main__ import main; main()"
 H11 = (
     "import service.protocol as p; bounds = p.uvicorn_bounds; "
     "p.uvicorn_bounds = lambda s: {**bounds(s), 'http': 'h11', 'h11_max_incomplete_event_size': s.max_header_bytes}; "
@@ -248,17 +248,81 @@ def memory(args: argparse.Namespace) -> dict:
         workdir = Path(tmp)
         for target in args.tree:
             name, _, tree = target.partition("=")
-            code = {"no-trim": NO_TRIM, "mmap4": MMAP_4M}.get(args.variant) if name == "branch" else None
+            code = {"no-trim": NO_TRIM}.get(args.variant) if name == "branch" else None
             for burst_name in args.bursts:
                 kind, width, height, per_request, clients = BURSTS[burst_name]
                 image = gradient(kind, width, height)
                 files = [(f"{burst_name}{i}.{kind.split('_')[0]}", image) for i in range(per_request)]
-                with server(Path(tree), workdir, name, code) as (base, pid):
+                settings = dict(pair.split("=", 1) for pair in args.set)
+                with server(Path(tree), workdir, name, code, **settings) as (base, pid):
                     row = burst(base, pid, files, clients, args.settle)
-                row = {"tree": name, "variant": args.variant if code else "", "burst": burst_name, **row}
+                row = {
+                    "tree": name,
+                    "variant": args.variant if code else "",
+                    "settings": settings,
+                    "burst": burst_name,
+                    **row,
+                }
                 print(json.dumps(row), flush=True)
                 results.append(row)
     return {"rows": results, "bursts": {k: BURSTS[k] for k in args.bursts}}
+
+
+# -- allocator ------------------------------------------------------------------------------------
+def allocator(args: argparse.Namespace) -> dict:
+    """In a fresh process: 16 decodes of a 4000x3000 RGBA image on 4 threads; RSS peak and after.
+
+    ``none``: glibc as it is; ``trim``: ``malloc_trim(0)`` once after; ``mmap4``: the mmap threshold
+    fixed at 4 MiB (``mallopt``) before, so every big buffer is its own mmap.
+    """
+    done = subprocess.run(
+        [PYTHON, __file__, "_allocator_one", args.mode, args.kind], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    row = json.loads(done.stdout)
+    print(json.dumps(row))
+    return {"rows": [row]}
+
+
+def allocator_one(mode: str, kind: str) -> dict:
+    import ctypes
+
+    from service.images import decode_image
+
+    libc = ctypes.CDLL("libc.so.6")
+    if mode == "mmap4":
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+    data = gradient(kind, 4000, 3000)
+    decode_image(gradient("png_rgba", 300, 300), "warm", max_pixels=10**9)
+    before = _rss_bytes()
+    peak = before
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: decode_image(data, f"{i}", max_pixels=10**9), range(16)))
+    stop.set()
+    sampler.join()
+    after = _rss_bytes()
+    trim_s = None
+    if mode == "trim":
+        started = time.perf_counter()
+        libc.malloc_trim(0)
+        trim_s = time.perf_counter() - started
+    return {
+        "mode": mode,
+        "kind": kind,
+        "peak_mib": (peak - before) / 2**20,
+        "after_mib": (after - before) / 2**20,
+        "after_trim_mib": (_rss_bytes() - before) / 2**20,
+        "trim_s": trim_s,
+    }
 
 
 # -- http -----------------------------------------------------------------------------------------
@@ -319,9 +383,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     mem = sub.add_parser("memory")
     mem.add_argument("--tree", action="append", default=None, help="NAME=DIR (default: branch=this tree)")
-    mem.add_argument("--variant", choices=["default", "no-trim", "mmap4"], default="default", help="for the tree named 'branch'")
+    mem.add_argument("--variant", choices=["default", "no-trim"], default="default", help="for the tree named 'branch'")
     mem.add_argument("--bursts", nargs="+", default=list(BURSTS), choices=list(BURSTS))
     mem.add_argument("--settle", type=float, default=5.0, help="seconds after the burst for the last RSS")
+    mem.add_argument("--set", action="append", default=[], help="KEY=VALUE: a CAMSERVE_ setting for the servers")
+    mem.add_argument("--label", default="", help="suffix of the results file")
     web = sub.add_parser("http")
     web.add_argument("--tree", action="append", required=True, help="NAME=DIR; a NAME ending in h11 runs uvicorn's h11")
     web.add_argument("--rounds", type=int, default=3)
@@ -329,16 +395,29 @@ def main(argv: list[str] | None = None) -> None:
     web.add_argument("--warmup", type=float, default=2.0)
     web.add_argument("--concurrency", type=int, default=32)
     sub.add_parser("_measure_one").add_argument("path", type=Path)
+    alloc = sub.add_parser("allocator")
+    alloc.add_argument("--mode", choices=["none", "trim", "mmap4"], default="none")
+    alloc.add_argument("--kind", default="png_rgba", choices=["png_rgba", "webp_rgba"])
+    one = sub.add_parser("_allocator_one")
+    one.add_argument("mode")
+    one.add_argument("kind")
     args = parser.parse_args(argv)
     if args.part == "_measure_one":
         print(json.dumps(measure_one(args.path)))
+        return
+    if args.part == "_allocator_one":
+        print(json.dumps(allocator_one(args.mode, args.kind)))
         return
     if args.part == "memory" and not args.tree:
         args.tree = [f"branch={ROOT}"]
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     result = {"part": args.part, "args": vars(args) | {"func": None}, "started": started, "machine": machine_info()}
-    result |= {"calibrate": calibrate, "memory": memory, "http": http}[args.part](args)
-    suffix = f"_{args.variant}" if args.part == "memory" and args.variant != "default" else ""
+    result |= {"calibrate": calibrate, "memory": memory, "http": http, "allocator": allocator}[args.part](args)
+    suffix = ""
+    if args.part == "memory":
+        suffix = "".join(f"_{part}" for part in (args.variant, args.label) if part and part != "default")
+    if args.part == "allocator":
+        suffix = f"_{args.kind}_{args.mode}"
     out = RESULTS / f"bounds_{args.part}{suffix}.json"
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {out}")

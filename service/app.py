@@ -113,6 +113,7 @@ def _lifespan(preloaded: Bundle | None):
             state.metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.depth)
             batcher.start()
         state.decoder = decoder(settings)
+        state.metrics.decode_memory.set_function(lambda: state.decoder.budget.in_use)
         state.bundle, state.engine = bundle, engine
         state.lanes, state.torch_threads = lanes, torch.get_num_threads()
         state.misclassified = _load_misclassified(bundle)

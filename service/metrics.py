@@ -37,6 +37,9 @@ class ServiceMetrics:
             "camserve_dropped_images", "Queued images dropped because their caller gave up", ["endpoint"], registry=r
         )
         self.queue_depth = Gauge("camserve_queue_depth", "Images waiting", ["endpoint"], registry=r)
+        self.decode_memory = Gauge(
+            "camserve_decode_memory_bytes", "Expected peak memory of the decodes running now", registry=r
+        )
         self.model = Info("camserve_model", "The model being served", registry=r)
 
     def batch_observer(self, endpoint: str):

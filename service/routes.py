@@ -35,7 +35,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         400: "not an image, or a corrupt one",
         401: "missing or wrong API key (when one is configured)",
         408: "request body arrived too slowly",
-        413: "body, file count or pixel count over the limit",
+        413: "body, file count, pixels, frames or decoded size over the limit",
         415: "unsupported image type, or not multipart/form-data",
         422: "bad parameters",
         503: "queue full, decode budget busy or service draining; retry after Retry-After seconds",
