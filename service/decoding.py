@@ -127,9 +127,11 @@ def release_free_memory() -> bool:
     Why it is needed: glibc serves a big allocation with its own mmap (returned at ``free``) only until
     the first such block is freed; from then on its dynamic mmap threshold rises to that block's size
     (up to 32 MiB), and later buffers of that size, Pillow's image blocks among them, come from the
-    heaps of the decode threads' arenas. Freed, those pages stay mapped: measured, a burst of six
-    5000x5000 PNG decodes left the server holding 1.1 GB more than before it. ``malloc_trim`` hands
-    every whole free page back (``madvise``), in a few milliseconds. False where there is no glibc.
+    heaps of the decode threads' arenas, which keep them when freed: 16 decodes of a 4000x3000 RGBA
+    PNG on 4 threads left a process 247 MiB bigger, 37 MiB after one ``malloc_trim``, which took 6 ms
+    (``bench/bounds.py allocator``; bench/results/bounds.md). It hands every whole free page of every
+    arena back (``madvise``). Fixing the mmap threshold low instead would make every big torch
+    activation a fresh mmap on every forward pass. False where there is no glibc (musl).
     """
     if _LIBC is None:
         return False
