@@ -34,6 +34,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
+	$(PY) docker/check_manifests.py  # k8s.yaml and kserve.yaml, offline
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix .

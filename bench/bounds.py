@@ -41,17 +41,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_bench import (
-    _wait_ready,
-    free_port,
-    load_images,
-    machine_info,
-    multipart_body,
-    require_hey,
-    run_hey,
-    server_env,
-    stop_group,
-)
+from harness import free_port, multipart_body, require_hey, run_hey, server_env, stop_group, wait_ready
+from serve_bench import load_images, machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -167,7 +158,7 @@ def server(tree: Path, workdir: Path, name: str, code: str | None = None, **sett
             command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            _wait_ready(process, f"http://127.0.0.1:{port}/readyz", log, 300)
+            wait_ready(process, f"http://127.0.0.1:{port}/readyz", log, 300)
             yield f"http://127.0.0.1:{port}", process.pid
         finally:
             stop_group(process)
@@ -341,8 +332,8 @@ def http(args: argparse.Namespace) -> dict:
         for round_index in range(args.rounds):
             for name in bases:
                 url = f"{bases[name]}/predict"
-                run_hey(hey, url, body.path, body.content_type, args.concurrency, args.warmup)
-                parsed = run_hey(hey, url, body.path, body.content_type, args.concurrency, args.duration)
+                run_hey(hey, url, body, concurrency=args.concurrency, seconds=args.warmup)
+                parsed = run_hey(hey, url, body, concurrency=args.concurrency, seconds=args.duration)
                 ok = parsed["status_codes"].get("200", 0)
                 row = {
                     "target": name,

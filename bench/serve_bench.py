@@ -30,33 +30,40 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import http.client
 import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
-import re
-import secrets
 import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the service package, from a plain checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_report, also under `python -m`
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_report and harness, also under `python -m`
 
+import harness
+from harness import (
+    DEFAULT_START_TIMEOUT_S,
+    HEY_REQUEST_TIMEOUT_S,
+    Body,
+    Server,
+    free_port,
+    log_tail,
+    multipart_body,
+    request,
+    require_hey,
+    run_hey,
+    server_env,
+)
 from serve_report import write_reports
 
 from camcore.bundle import load_bundle
@@ -68,9 +75,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODEL_DIR = Path(os.environ.get("CAMSERVE_MODEL_DIR", ROOT / "models" / "cifar10-resnet"))
 TARGETS = ("camserve", "unbatched", "unbatched_1lane", "camserve_tta", "litserve", "ceiling")
-HEY_REQUEST_TIMEOUT_S = 20  # hey's own per-request limit; a run can never outlast duration + this
-DEFAULT_START_TIMEOUT_S = 300.0  # start-up includes camserve's precision timing and the servers' warm-up
-STOP_GRACE_S = 30.0
 LITSERVE = {"max_batch_size": 32, "batch_timeout_s": 0.005, "workers_per_device": 1, "num_api_servers": 1}
 
 
@@ -96,15 +100,7 @@ class Point:
     error_messages: list[str] = field(default_factory=list)
 
 
-# -- hey --------------------------------------------------------------------------------------
-def require_hey(name: str) -> str:
-    """The load generator is not a Python package, so say exactly how to get it."""
-    path = shutil.which(name)
-    if path is None:
-        sys.exit(f"serve_bench: `{name}` not found on PATH; install it with `apt-get install -y hey` (Debian)")
-    return path
-
-
+# -- tools ----------------------------------------------------------------------------------------
 def require_litserve() -> None:
     if importlib.util.find_spec("litserve") is None:
         sys.exit(
@@ -125,41 +121,6 @@ def versions() -> dict[str, str | None]:
         query = ["dpkg-query", "-W", "-f", "${Version}", "hey"]
         found["hey"] = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.strip() or None
     return found
-
-
-def parse_hey(text: str) -> dict:
-    """hey's text summary -> total seconds, requests/s, latency percentiles, status codes, errors."""
-
-    def number(pattern: str) -> float | None:
-        match = re.search(pattern, text)
-        return float(match.group(1)) if match else None
-
-    summary, _, error_part = text.partition("Error distribution:")
-    status_part = summary.partition("Status code distribution:")[2]
-    percentiles = {int(p): float(s) for p, s in re.findall(r"^\s*(\d+)%+ in ([\d.]+) secs", summary, re.M)}
-    errors = [(int(n), message.strip()) for n, message in re.findall(r"^\s*\[(\d+)\]\s+(.+)$", error_part, re.M)]
-    return {
-        "total_s": number(r"Total:\s+([\d.]+) secs"),
-        "requests_per_s": number(r"Requests/sec:\s+([\d.]+)"),
-        "percentiles_s": percentiles,
-        "status_codes": {code: int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", status_part)},
-        "errors": errors,
-    }
-
-
-def run_hey(hey: str, url: str, body: Path, content_type: str, concurrency: int, seconds: float) -> dict:
-    """One bounded hey run: -z stops issuing at ``seconds``, -t caps every request, timeout caps hey."""
-    command = [hey, "-z", f"{seconds:g}s", "-c", str(concurrency), "-t", str(HEY_REQUEST_TIMEOUT_S)]
-    command += ["-m", "POST", "-T", content_type, "-D", str(body), url]
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=seconds + HEY_REQUEST_TIMEOUT_S + 30, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"hey did not finish in time: {shlex.join(command)}") from None
-    if done.returncode != 0:
-        raise RuntimeError(f"hey failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
-    return parse_hey(done.stdout)
 
 
 def hey_point(target: str, endpoint: str, images: int, concurrency: int, parsed: dict) -> Point:
@@ -194,26 +155,6 @@ def hey_point(target: str, endpoint: str, images: int, concurrency: int, parsed:
 
 
 # -- request bodies -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Body:
-    path: Path
-    content_type: str
-    images: int
-    data: bytes
-
-
-def multipart_body(images: list[tuple[str, bytes]], path: Path) -> Body:
-    """A multipart/form-data body with every image under the field ``files``, as browsers send it."""
-    boundary = f"camservebench{secrets.token_hex(8)}"
-    parts = []
-    for name, data in images:
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-        parts.append(head.encode() + b"Content-Type: image/png\r\n\r\n" + data + b"\r\n")
-    data = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    path.write_bytes(data)
-    return Body(path, f"multipart/form-data; boundary={boundary}", len(images), data)
-
-
 def load_images(folder: Path) -> list[tuple[str, bytes]]:
     """Real 32x32 test images: by default the bundle's own misclassified PNGs."""
     files = sorted(folder.glob("*.png"))
@@ -224,120 +165,23 @@ def load_images(folder: Path) -> list[tuple[str, bytes]]:
 
 # -- servers ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Server:
-    name: str
-    base_url: str
-    log_path: Path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def request(method: str, url: str, body: Body | None = None, timeout: float = 60.0) -> tuple[int, bytes]:
-    """A plain stdlib request, for readiness, /health and the one-off correctness check."""
-    headers = {"Content-Type": body.content_type} if body else {}
-    prepared = urllib.request.Request(url, data=body.data if body else None, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(prepared, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def _wait_ready(process: subprocess.Popen, url: str, log_path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{_tail(log_path)}")
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            if request("GET", url, timeout=2)[0] == 200:
-                return
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} not 200 within {timeout_s:.0f} s:\n{_tail(log_path)}")
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def stop_group(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM the server's whole process group, SIGKILL whatever is left after ``grace_s``."""
-    pgid = process.pid  # start_new_session=True made the server its group's leader
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        process.poll()  # reap the leader, so a zombie does not keep the group "alive"
-        if not _group_alive(pgid):
-            break
-        time.sleep(0.1)
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
-
-
-def server_env() -> dict[str, str]:
-    """The caller's environment, minus an API key (the benchmark measures serving, not auth), with
-    unbuffered output so a failing server's log shows why."""
-    env = {key: value for key, value in os.environ.items() if key != "CAMSERVE_API_KEY"}
-    return {**env, "PYTHONUNBUFFERED": "1"}
-
-
-@dataclass(frozen=True)
 class Launcher:
-    """Starts the servers under test: loopback, a free port each, logs in ``workdir``."""
+    """Starts the servers under test (``bench/harness.py``): loopback, a free port each, logs in ``workdir``."""
 
     workdir: Path
     start_timeout_s: float
 
-    @contextlib.contextmanager
-    def serving(
-        self, name: str, command: list[str], env: dict[str, str], ready_path: str, port: int
-    ) -> Iterator[Server]:
-        """Start a server in its own session, wait until ``ready_path`` answers 200, always stop it.
-
-        Its own session makes it a process-group leader, so :func:`stop_group` reaches every process
-        it forked or spawned, and nothing else.
-        """
-        log_path = self.workdir / f"{name}.log"
-        base_url = f"http://127.0.0.1:{port}"
-        print(f"[{name}] starting: {shlex.join(command)}", flush=True)
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-            try:
-                _wait_ready(process, base_url + ready_path, log_path, self.start_timeout_s)
-                yield Server(name, base_url, log_path)
-            finally:
-                stop_group(process)
-                print(f"[{name}] stopped", flush=True)
-
     def camserve(self, name: str, model_dir: Path, **settings: str | int) -> contextlib.AbstractContextManager[Server]:
         """``python -m service``, request logging off, plus any ``CAMSERVE_*`` overrides."""
-        port = free_port()
-        env = {
-            **server_env(),
-            "CAMSERVE_MODEL_DIR": str(model_dir),
-            "CAMSERVE_HOST": "127.0.0.1",
-            "CAMSERVE_PORT": str(port),
-            "CAMSERVE_LOG_REQUESTS": "false",
-            **{f"CAMSERVE_{key.upper()}": str(value) for key, value in settings.items()},
-        }
-        return self.serving(name, [sys.executable, "-m", "service"], env, "/readyz", port)
+        log_path = self.workdir / f"{name}.log"
+        return harness.camserve(
+            model_dir,
+            log_path,
+            name=name,
+            start_timeout_s=self.start_timeout_s,
+            quiet=False,
+            **{"log_requests": "false", **settings},
+        )
 
     def litserve(self, model_dir: Path, precision: str) -> contextlib.AbstractContextManager[Server]:
         """``bench/litserve_server.py`` with the issue's batching: up to 32 images, 5 ms timeout."""
@@ -347,7 +191,17 @@ class Launcher:
         command += ["--max-batch-size", str(LITSERVE["max_batch_size"])]
         command += ["--batch-timeout", str(LITSERVE["batch_timeout_s"])]
         command += ["--workers", str(LITSERVE["workers_per_device"])]
-        return self.serving("litserve", command, server_env(), "/health", port)
+        log_path = self.workdir / "litserve.log"
+        return harness.serving(
+            "litserve",
+            command,
+            server_env(),
+            port,
+            log_path,
+            ready_path="/health",
+            start_timeout_s=self.start_timeout_s,
+            quiet=False,
+        )
 
 
 # -- measuring a server ---------------------------------------------------------------------------
@@ -366,7 +220,8 @@ def check_answer(server: Server, endpoint: str, body: Body) -> None:
     key = "results" if endpoint == "/gradcam" else "predictions"
     if status != 200:
         raise RuntimeError(
-            f"[{server.name}] {endpoint} answered {status}: {payload[:500]!r}; its log ends:\n{_tail(server.log_path)}"
+            f"[{server.name}] {endpoint} answered {status}: {payload[:500]!r}; "
+            f"its log ends:\n{log_tail(server.log_path)}"
         )
     rows = json.loads(payload).get(key, [])
     if len(rows) != body.images:
@@ -380,8 +235,8 @@ def sweep(plan: Plan, server: Server, target: str, endpoint: str, body: Body, co
     points = []
     for concurrency in concurrencies:
         if plan.warmup_s > 0:
-            run_hey(plan.hey, url, body.path, body.content_type, concurrency, plan.warmup_s)
-        parsed = run_hey(plan.hey, url, body.path, body.content_type, concurrency, plan.duration_s)
+            run_hey(plan.hey, url, body, concurrency=concurrency, seconds=plan.warmup_s)
+        parsed = run_hey(plan.hey, url, body, concurrency=concurrency, seconds=plan.duration_s)
         point = hey_point(target, endpoint, body.images, concurrency, parsed)
         print(format_point(point), flush=True)
         points.append(point)

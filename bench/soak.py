@@ -1,7 +1,7 @@
 """Soak run (issue 7): a real server at a steady rate for N minutes; memory and p99 must stay flat.
 
 Not part of CI: it takes minutes and wants a quiet machine. It starts ``python -m service`` on a
-free loopback port (with the tests' launcher, so there is one way to start the service), drives
+free loopback port (with ``bench/harness.py``, the one launcher tests and benchmarks share), drives
 ``POST /predict`` with ``hey`` in one-minute windows at a fixed rate, and samples the server's
 resident memory (``VmRSS``) throughout. Per window it records requests, answered rate, 503s,
 errors, latency percentiles, and RSS before, after and at peak; then writes
@@ -23,9 +23,6 @@ import argparse
 import json
 import math
 import os
-import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,11 +34,11 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_BUNDLE = REPO / "models" / "cifar10-resnet"
-BOUNDARY = "camserve-soak-boundary"
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # the packages, from a plain checkout
+sys.path.insert(0, str(REPO / "bench"))  # harness and fixtures, also under `python -m`
 
-from helpers import encode, make_bundle, random_image  # noqa: E402
-from serving import running_server  # noqa: E402
+from fixtures import encode, make_bundle, random_image  # noqa: E402
+from harness import Body, camserve, multipart_body, require_hey, run_hey  # noqa: E402
 
 
 @dataclass
@@ -136,105 +133,48 @@ class RssSampler:
         return max((mb for t, mb in self.samples if since <= t <= until), default=0.0)
 
 
-# -- hey ----------------------------------------------------------------------------------------------
-def require_hey() -> str:
-    hey = shutil.which("hey")
-    if hey is None:
-        sys.exit(
-            "soak: needs the 'hey' load generator: apt-get install hey (Debian/Ubuntu), "
-            "or go install github.com/rakyll/hey@latest"
-        )
-    return hey
+# -- load -------------------------------------------------------------------------------------------
+def request_body(images: int, path: Path) -> Body:
+    """A /predict body with ``images`` distinct 32x32 PNGs (hey sends the same body each time)."""
+    return multipart_body([(f"{i}.png", encode(random_image(9000 + i))) for i in range(images)], path)
 
 
-def request_body(images: int) -> bytes:
-    """A multipart /predict body with ``images`` distinct 32x32 PNGs (hey sends the same body each time)."""
-    parts = [
-        (
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{i}.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + encode(random_image(9000 + i))
-        + b"\r\n"
-        for i in range(images)
-    ]
-    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
-
-
-def run_hey(hey: str, url: str, body: Path, *, seconds: float, rate: float, workers: int) -> str:
-    command = [
-        hey,
-        "-z",
-        f"{seconds:.0f}s",
-        "-c",
-        str(workers),
-        "-q",
-        f"{rate / workers:g}",  # hey's rate limit is per worker
-        "-t",
-        "20",
-        "-m",
-        "POST",
-        "-T",
-        f"multipart/form-data; boundary={BOUNDARY}",
-        "-D",
-        str(body),
-        url,
-    ]
-    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
-
-
-def parse_hey(summary: str) -> dict:
-    """Requests, statuses, errors and latency percentiles from hey's text summary.
-
-    The summary rather than ``-o csv``: the CSV leaves out requests that failed below HTTP, and a
-    soak must count those.
-    """
-
-    def seconds_of(label: str) -> float:
-        match = re.search(rf"{label}:\s+([\d.]+) secs", summary)
-        return float(match.group(1)) * 1000 if match else math.nan
-
-    percentiles = {f"p{p}": float(s) * 1000 for p, s in re.findall(r"(\d+)%+ in ([\d.]+) secs", summary)}
-    statuses = {code: int(n) for code, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", summary)}
-    errors_section = summary.split("Error distribution:", 1)[1] if "Error distribution:" in summary else ""
-    transport_errors = sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]", errors_section, re.MULTILINE))
-    return {
-        "statuses": statuses,
-        "transport_errors": transport_errors,
-        "latency_ms": {
-            "p50": percentiles.get("p50", math.nan),
-            "p90": percentiles.get("p90", math.nan),
-            "p99": percentiles.get("p99", math.nan),
-            "slowest": seconds_of("Slowest"),
-            "average": seconds_of("Average"),
-        },
-    }
+def latency_ms(parsed: dict) -> dict[str, float]:
+    """p50/p90/p99, slowest and average of one hey run, in ms (NaN where hey printed none)."""
+    percentiles, ms = parsed["percentiles_s"], {}
+    for p in (50, 90, 99):
+        ms[f"p{p}"] = percentiles[p] * 1000 if p in percentiles else math.nan
+    for name in ("slowest", "average"):
+        seconds = parsed[f"{name}_s"]
+        ms[name] = seconds * 1000 if seconds is not None else math.nan
+    return ms
 
 
 # -- the run ------------------------------------------------------------------------------------------
 def soak_window(
-    index: int, hey: str, url: str, body: Path, pid: int, sampler: RssSampler, args: argparse.Namespace
+    index: int, hey: str, url: str, body: Body, pid: int, sampler: RssSampler, args: argparse.Namespace
 ) -> Window:
     seconds = max(1.0, min(args.window_s, args.minutes * 60 - index * args.window_s))
     base = url.rsplit("/", 1)[0]
     counters_before, cpu_before = server_counters(base), cpu_seconds(pid)
     before, started = rss_mb(pid), time.monotonic()
-    parsed = parse_hey(run_hey(hey, url, body, seconds=seconds, rate=args.rate, workers=args.workers))
+    parsed = run_hey(hey, url, body, concurrency=args.workers, seconds=seconds, rate=args.rate)
     ended, after = time.monotonic(), rss_mb(pid)
     counters_after, cpu_after = server_counters(base), cpu_seconds(pid)
     server_cpu, busy_cpu, steal = (b - a for a, b in zip(cpu_before, cpu_after, strict=True))
-    statuses = parsed["statuses"]
+    statuses = parsed["status_codes"]
+    transport_errors = sum(n for n, _ in parsed["errors"])
     answered = sum(statuses.values())
     other = sum(n for code, n in statuses.items() if code not in ("200", "503"))
     return Window(
         index=index,
         seconds=round(ended - started, 2),
-        requests=answered + parsed["transport_errors"],
+        requests=answered + transport_errors,
         rate=round(answered / (ended - started), 2),
         statuses=statuses,
         rejected=statuses.get("503", 0),
-        errors=other + parsed["transport_errors"],
-        latency_ms={k: None if math.isnan(v) else round(v, 2) for k, v in parsed["latency_ms"].items()},
+        errors=other + transport_errors,
+        latency_ms={k: None if math.isnan(v) else round(v, 2) for k, v in latency_ms(parsed).items()},
         rss_mb_before=round(before, 1),
         rss_mb_after=round(after, 1),
         rss_mb_peak=round(max(sampler.peak(started, ended), after), 1),
@@ -349,8 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         bundle = str(model_dir) if model_dir else "an untrained test bundle (no shipped bundle found)"
         if model_dir is None:
             model_dir = make_bundle(scratch_dir / "bundle")
-        body = scratch_dir / "body.bin"
-        body.write_bytes(request_body(args.images))
+        body = request_body(args.images, scratch_dir / "body.bin")
         windows: list[Window] = []
         report = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -366,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
                 "load_generator": "hey",
             },
         }
-        with running_server(model_dir, scratch_dir / "server.log", **settings) as (base, process):
+        with camserve(model_dir, scratch_dir / "server.log", **settings) as server:
+            base, process = server.base_url, server.process
             rss_start = rss_mb(process.pid)
             count = max(1, math.ceil(args.minutes * 60 / args.window_s - 1e-9))
             with RssSampler(process.pid) as sampler:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the camserve image with podman and smoke-test the running container for real.
+# Build the camserve images (the default one with the CUDA build of torch, and the CPU-only one,
+# Dockerfile TORCH_VARIANT=cpu) with podman and smoke-test each running container for real.
 #
 #   sudo docker/build-and-smoke.sh            # everything: setup, base, build, smoke
 #   sudo docker/build-and-smoke.sh setup      # podman, runc, debootstrap + their config only
@@ -22,15 +23,24 @@
 # The smoke test starts the image with --network host on a free port, waits for the image's own
 # HEALTHCHECK (GET /readyz) to pass, checks /livez /readyz /health, POSTs one of the bundle's
 # misclassified test PNGs to /predict and /gradcam and checks the top-1 label against model.json's
-# `predicted_label`, checks the process runs as non-root without Lightning/torchvision, repeats
-# with the bundle mounted from the host via CAMSERVE_MODEL_DIR, stops the container with SIGTERM
-# and requires exit code 0, and prints the image size.
+# `predicted_label`, checks the process runs as non-root without Lightning/torchvision (and, in the
+# CPU image, with a torch that has no CUDA), checks the Open Inference Protocol's health and model
+# metadata paths, repeats with the bundle mounted from the host via CAMSERVE_MODEL_DIR, stops the
+# container with SIGTERM and requires exit code 0; then it prints both images' sizes.
 #
 # Environment:
 #   CAMSERVE_PODMAN_STATE   podman config + storage   (default /var/tmp/camserve-podman)
 #   CAMSERVE_BASE_DIR       debootstrap cache          (default /var/tmp/camserve-base)
 #   CAMSERVE_DEBIAN_MIRROR  Debian mirror              (default http://deb.debian.org/debian)
-#   CAMSERVE_IMAGE          image tag                  (default localhost/camserve:smoke)
+#   CAMSERVE_IMAGE          image tag                  (default localhost/camserve:smoke; the CPU
+#                           image is tagged <tag>-cpu)
+#   CAMSERVE_VARIANTS       which images               (default "cuda cpu")
+#   CAMSERVE_TORCH_CPU_INDEX_URL  the CPU image's torch index (default empty: the package sources
+#                           of this machine's pip, as above; elsewhere PyTorch's CPU index,
+#                           https://download.pytorch.org/whl/cpu, the Dockerfile's default)
+#   CAMSERVE_TORCH_CPU_VERSION    the CPU image's torch (default: the newest torch-*+cpu wheel in
+#                           pip's find-links folders, where the index is pip's own (on this
+#                           project's machines 2.13.0+cpu); otherwise pyproject.toml's pin)
 #   CAMSERVE_PODMAN_LAYERS  podman build --layers      (default false: vfs stores every layer as
 #                           a full copy, and the venv alone is ~5.5 GB)
 #   CAMSERVE_SMOKE_OVERRIDE 0 skips the second run (mounted bundle, read-only root, no
@@ -45,7 +55,11 @@ STATE=${CAMSERVE_PODMAN_STATE:-/var/tmp/camserve-podman}
 BASE_DIR=${CAMSERVE_BASE_DIR:-/var/tmp/camserve-base}
 MIRROR=${CAMSERVE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 BASE_IMAGE=localhost/camserve-base:bookworm
-IMAGE=${CAMSERVE_IMAGE:-localhost/camserve:smoke}
+IMAGE_BASE=${CAMSERVE_IMAGE:-localhost/camserve:smoke}
+IMAGE=$IMAGE_BASE
+VARIANTS=${CAMSERVE_VARIANTS:-cuda cpu}
+TORCH_CPU_INDEX_URL=${CAMSERVE_TORCH_CPU_INDEX_URL-}
+TORCH_CPU_VERSION=${CAMSERVE_TORCH_CPU_VERSION-}
 LAYERS=${CAMSERVE_PODMAN_LAYERS:-false}
 STARTUP_TIMEOUT=${CAMSERVE_STARTUP_TIMEOUT:-600}
 BUNDLE=models/cifar10-resnet
@@ -175,10 +189,32 @@ for key, value in sorted(values.items()):
   log "pip sources for the build: $(grep -v '^\[' "$conf" | tr '\n' ';')"
 }
 
+image_of() { if [ "$1" = cuda ]; then echo "$IMAGE_BASE"; else echo "$IMAGE_BASE-$1"; fi; }
+
+# The version of the newest torch-*+cpu wheel in pip's find-links folders (pip_sources ran), or nothing.
+cpu_torch_on_disk() {
+  local dir wheel
+  for dir in $(sed -n 's/^find-links = //p' "$STATE/pip/pip.conf"); do
+    wheel=$(find "$dir" -maxdepth 1 -name 'torch-*+cpu-*.whl' -printf '%f\n' 2>/dev/null | sort -V | tail -1)
+    if [ -n "$wheel" ]; then cut -d- -f2 <<<"$wheel"; return; fi
+  done
+}
+
 build() {
+  local variant
+  pip_sources
+  if [ -z "$TORCH_CPU_INDEX_URL" ] && [ -z "$TORCH_CPU_VERSION" ]; then
+    TORCH_CPU_VERSION=$(cpu_torch_on_disk)
+    [ -z "$TORCH_CPU_VERSION" ] || log "CPU image: torch $TORCH_CPU_VERSION, the CPU wheel in pip's find-links"
+  fi
+  for variant in $VARIANTS; do
+    IMAGE=$(image_of "$variant") build_one "$variant"
+  done
+}
+
+build_one() {  # build_one <cuda|cpu>, tagged $IMAGE
   [ -f "$ROOT/$BUNDLE/model.json" ] || die "$BUNDLE/model.json is missing: export a bundle first"
   [ -f "$ROOT/README.md" ] || die "README.md is missing (pyproject.toml's readme)"
-  pip_sources
   # an interrupted build leaves buildah working containers behind (GBs each on vfs); this storage
   # is the script's own, so anything external in it is such a leftover
   local stale
@@ -190,7 +226,7 @@ build() {
   fi
   local avail
   avail=$(df --output=avail -BG "$STATE" | tail -1 | tr -dc 0-9)
-  log "building $IMAGE (layers=$LAYERS, ${avail} GB free under $STATE)"
+  log "building $IMAGE (torch $1, layers=$LAYERS, ${avail} GB free under $STATE)"
   local started=$SECONDS
   "${NICE[@]}" podman build \
     --isolation chroot \
@@ -199,6 +235,9 @@ build() {
     --layers="$LAYERS" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" \
     --build-arg PIP_CONFIG_FILE=/run/camserve-pip/pip.conf \
+    --build-arg TORCH_VARIANT="$1" \
+    --build-arg TORCH_CPU_INDEX_URL="$TORCH_CPU_INDEX_URL" \
+    --build-arg TORCH_CPU_VERSION="$TORCH_CPU_VERSION" \
     "${PIP_MOUNTS[@]}" \
     -t "$IMAGE" -f "$ROOT/Dockerfile" "$ROOT" >"$STATE/build.log" 2>&1 \
     || { tail -40 "$STATE/build.log"; die "podman build failed (full log: $STATE/build.log)"; }
@@ -294,6 +333,16 @@ else:
 EOF
 }
 
+check_open_inference_protocol() {
+  local url="http://127.0.0.1:$PORT" path code name
+  name=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("name", ""))' "$ROOT/$BUNDLE/model.json")
+  for path in /v2 /v2/health/live /v2/health/ready "/v2/models/$name" "/v2/models/$name/ready"; do
+    code=$(curl -s -o "$STATE/oip.json" -w '%{http_code}' "$url$path")
+    [ "$code" = 200 ] || die "GET $path -> $code: $(head -c 300 "$STATE/oip.json")"
+  done
+  log "Open Inference Protocol: /v2, health and model $name metadata -> 200 $(head -c 200 "$STATE/oip.json")"
+}
+
 check_predict_and_gradcam() {
   local url="http://127.0.0.1:$PORT" picked png true_label expected code got
   picked=$(pick_image)
@@ -313,8 +362,12 @@ check_predict_and_gradcam() {
   [ "$got" = "$expected" ] || die "/gradcam label '$got' != model.json predicted_label '$expected'"
 }
 
-check_inside() {
+check_inside() {  # check_inside <cuda|cpu>
   local uid
+  if [ "$1" = cpu ]; then
+    podman exec "$CONTAINER" python -c 'import sys, torch; sys.exit(f"torch {torch.__version__} has CUDA {torch.version.cuda}" if torch.version.cuda else 0)' \
+      || die "the CPU image's torch is a CUDA build"
+  fi
   uid=$(podman exec "$CONTAINER" id -u)
   [ "$uid" != 0 ] || die "the service runs as root"
   podman exec "$CONTAINER" python -c 'import importlib.util as u, sys; bad = [m for m in ("lightning", "pytorch_lightning", "torchvision") if u.find_spec(m)]; sys.exit(f"training packages present: {bad}" if bad else 0)' \
@@ -330,25 +383,41 @@ stop_and_check() {
   log "container exited with code $code after $((SECONDS - started)) s; last log lines:"
   podman logs --tail 6 "$CONTAINER" 2>&1 | sed 's/^/  /'
   [ "$code" = 0 ] || die "exit code $code after SIGTERM (expected 0: graceful shutdown)"
-  podman logs "$CONTAINER" 2>&1 | grep -q 'Application shutdown complete' \
+  # into a file first: `podman logs | grep -q` fails under pipefail when grep stops reading early
+  podman logs "$CONTAINER" >"$STATE/container.log" 2>&1
+  grep -q 'Application shutdown complete' "$STATE/container.log" \
     || die "no 'Application shutdown complete' in the logs: not a graceful shutdown"
 }
 
 smoke() {
+  local variant bytes sizes=()
+  for variant in $VARIANTS; do
+    IMAGE=$(image_of "$variant")
+    smoke_one "$variant"
+    bytes=$(podman image inspect --format '{{.Size}}' "$IMAGE")
+    sizes+=("$IMAGE (torch $variant): $bytes bytes = $(numfmt --to=si --round=nearest --format=%.2f "$bytes")B")
+  done
+  log "image sizes:"
+  printf '  %s\n' "${sizes[@]}"
+  log "SMOKE PASSED for: $VARIANTS"
+}
+
+smoke_one() {  # smoke_one <cuda|cpu>, the image $IMAGE
   [ -f "$ROOT/$BUNDLE/model.json" ] || die "$BUNDLE/model.json is missing"
   podman image exists "$IMAGE" || die "no image $IMAGE: run the build phase"
   trap on_exit EXIT
 
-  log "=== run 1: the bundle baked into the image"
+  log "=== $IMAGE, run 1: the bundle baked into the image"
   start_and_wait
   check_endpoints
+  check_open_inference_protocol
   check_predict_and_gradcam
-  check_inside
+  check_inside "$1"
   stop_and_check
   cleanup_container "$CONTAINER"
 
   if [ "${CAMSERVE_SMOKE_OVERRIDE:-1}" != 0 ]; then
-    log "=== run 2: the bundle mounted from the host (CAMSERVE_MODEL_DIR=/models/override), locked down as in k8s.yaml"
+    log "=== $IMAGE, run 2: the bundle mounted from the host (CAMSERVE_MODEL_DIR=/models/override), locked down as in k8s.yaml"
     # a mounted bundle must be readable by the image's uid 10001 (an export may leave it 0600)
     rm -rf "$STATE/override-bundle"
     cp -r "$ROOT/$BUNDLE" "$STATE/override-bundle"
@@ -366,8 +435,7 @@ smoke() {
   bytes=$(podman image inspect --format '{{.Size}}' "$IMAGE")
   log "image $IMAGE: $bytes bytes = $(numfmt --to=si --round=nearest --format=%.2f "$bytes")B = $(numfmt --to=iec-i --round=nearest --format=%.2f "$bytes")B"
   podman history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | grep -v '^0 B' | cut -c1-100 | sed 's/^/    layer /' 
-  podman images --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' | sed 's/^/  /'
-  log "SMOKE PASSED"
+  log "$IMAGE passed"
 }
 
 clean() {

@@ -7,6 +7,7 @@ import signal
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from camcore.bundle import BundleError, load_bundle
 from service.app import create_app
@@ -18,8 +19,20 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _setting_problem(error: dict) -> str:
+    """One pydantic error as a person reads it: our own validators' messages name the variable already."""
+    if error["type"] == "value_error":
+        return str(error["ctx"]["error"])
+    return f"CAMSERVE_{'_'.join(map(str, error['loc'])).upper()}: {error['msg']}"
+
+
 def main() -> None:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(_setting_problem(error) for error in exc.errors())
+        print(f"camserve: cannot start: {problems}", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Request lines are JSON objects already: one per line, nothing in front, for log shippers.
     access = logging.getLogger("camserve.access")

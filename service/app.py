@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import torch
@@ -18,13 +18,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from camcore.bundle import Bundle, load_bundle
-from camcore.network import block_geometry
 from service.batcher import DynamicBatcher, ModelThreads
 from service.decoding import DecodeBusy, DecodeLimits, Decoder
-from service.engine import InferenceEngine, resolve_device
+from service.engine import resolve_device
 from service.images import ImageRejected
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimit, BodyTimeout, BodyTooLarge, RelativeRedirects, RequestContext
+from service.oip import install_oip
+from service.reload import build_engine, install, pinned_batch, reload_model
 from service.routes import router
 from service.settings import Settings
 from service.state import ServiceState
@@ -63,13 +64,31 @@ def decoder(settings: Settings) -> Decoder:
     return Decoder(limits, threads=settings.decode_threads, budget_bytes=int(settings.decode_budget_mb * 2**20))
 
 
-def _load_misclassified(bundle: Bundle) -> list[dict]:
-    items = []
-    for entry in bundle.metadata.get("misclassified", []):
-        path = bundle.path / entry["file"]
-        if path.is_file():
-            items.append({**entry, "image_png": base64.b64encode(path.read_bytes()).decode("ascii")})
-    return items
+def _reload_on_sighup(state: ServiceState) -> Callable[[], None]:
+    """SIGHUP reloads the bundle (as ``POST /v2/repository/models/<name>/load`` does); returns the undo.
+
+    Only where this loop may handle signals (the main thread of ``python -m service``); an app run by
+    a test's event loop in another thread, or on Windows, simply has no SIGHUP reload.
+    """
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    async def reload_logged() -> None:
+        try:
+            await reload_model(state)
+        except Exception as exc:  # a bad bundle: the old one keeps serving, the operator reads why here
+            log.error("SIGHUP reload refused, still serving %s: %s", state.bundle.version[:12], exc)
+
+    def on_hangup() -> None:
+        task = loop.create_task(reload_logged())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        return lambda: None
+    return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
 def _lifespan(preloaded: Bundle | None):
@@ -85,17 +104,8 @@ def _lifespan(preloaded: Bundle | None):
         # The model threads ("lanes"), shared by both endpoints: at most `lanes` batches at once.
         executor = ModelThreads(max_workers=lanes)
         loop = asyncio.get_running_loop()
-        engine = await loop.run_in_executor(
-            executor,
-            InferenceEngine,
-            bundle,
-            device,
-            settings.precision,
-            settings.max_batch_size,
-            settings.trace,
-            settings.tta,
-        )
-        await loop.run_in_executor(executor, engine.warm_up)
+        engine = await loop.run_in_executor(executor, build_engine, bundle, settings, device)
+        state.executor, state.device = executor, device
         common = {
             "executor": executor,
             "max_batch_size": settings.max_batch_size,
@@ -104,28 +114,18 @@ def _lifespan(preloaded: Bundle | None):
             "lanes": lanes,
         }
         state.predict_batcher = DynamicBatcher(
-            "predict", engine.predict, on_batch=state.metrics.batch_observer("/predict"), **common
+            "predict", pinned_batch("predict"), on_batch=state.metrics.batch_observer("/predict"), **common
         )
         state.gradcam_batcher = DynamicBatcher(
-            "gradcam", engine.gradcam, on_batch=state.metrics.batch_observer("/gradcam"), **common
+            "gradcam", pinned_batch("gradcam"), on_batch=state.metrics.batch_observer("/gradcam"), **common
         )
         for name, batcher in (("/predict", state.predict_batcher), ("/gradcam", state.gradcam_batcher)):
             state.metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.depth)
             batcher.start()
         state.decoder = decoder(settings)
         state.metrics.decode_memory.set_function(lambda: state.decoder.budget.in_use)
-        state.bundle, state.engine = bundle, engine
+        install(state, bundle, engine)
         state.lanes, state.torch_threads = lanes, torch.get_num_threads()
-        state.misclassified = _load_misclassified(bundle)
-        state.layers = [vars(row) for row in block_geometry(engine.model)]
-        state.metrics.model.info(
-            {
-                "name": str(bundle.metadata.get("name", "")),
-                "version": bundle.version,
-                "precision": engine.precision,
-                "device": engine.device_name,
-            }
-        )
         # Everything loaded so far (torch, the app, the model) lives as long as the process: moved out
         # of the collector's sight, a full collection no longer walks it. Under load at c=32 those
         # full collections had paused the event loop ~110 ms each, 4 times in 10 s.
@@ -144,9 +144,12 @@ def _lifespan(preloaded: Bundle | None):
             state.torch_threads,
             engine.trace_reason,
         )
+        del engine, bundle  # state.engine is the one serving from now on: a reload must be able to free these
+        hangup = _reload_on_sighup(state)
         try:
             yield
         finally:
+            hangup()
             # Uvicorn has stopped accepting and finished open requests; drain whatever is queued.
             state.ready = False
             state.draining = True
@@ -211,6 +214,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     app.state.camserve = ServiceState(settings=settings, metrics=metrics)
     _error_handlers(app)
     app.include_router(router)
+    install_oip(app)
     mount_static(app)
     if settings.cors_origins:
         app.add_middleware(

@@ -98,7 +98,8 @@ class BodyLimit:
             return
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
-            await _json_error(send, 413, f"request body of {declared} bytes exceeds the limit of {self.max_bytes}")
+            message = f"request body of {declared} bytes exceeds the limit of {self.max_bytes}"
+            await _json_error(send, 413, message, key=_error_key(scope))
             return
         received = 0
         deadline = time.monotonic() + self.timeout_s
@@ -161,8 +162,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _json_error(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+def _error_key(scope: Scope) -> str:
+    """The Open Inference Protocol's paths (service.oip) answer errors as ``{"error": ...}``."""
+    return "error" if scope["path"].startswith("/v2/") else "detail"
+
+
+async def _json_error(send: Send, status: int, detail: str, key: str = "detail") -> None:
+    body = json.dumps({key: detail}).encode()
     await send(
         {
             "type": "http.response.start",

@@ -1,7 +1,7 @@
 """Heatmaps as a person sees them: the viridis colour map, the overlay on the image, PNG bytes.
 
 The web page composites the same overlay in the browser from the heatmap in the answer, with the
-same colour map (``colormap_stops`` is what ``/health`` hands it), so both look alike.
+same colour map (``colormap_lut`` is what ``/health`` hands it) and the same blend, so both agree.
 """
 
 from __future__ import annotations

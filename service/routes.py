@@ -7,13 +7,15 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, Security
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.batcher import BatchFailed, DynamicBatcher, QueueFull, ShuttingDown
 from service.engine import GradcamJob
+from service.reload import pin
 from service.render import colormap_lut, overlay, png_base64, png_bytes
 from service.schemas import (
     ErrorResponse,
@@ -54,16 +56,31 @@ async def get_state(request: Request) -> ServiceState:
 State = Annotated[ServiceState, Depends(get_state)]
 
 
-async def require_api_key(request: Request, state: State) -> None:
-    """``Authorization: Bearer <key>`` or ``X-API-Key: <key>``, compared in constant time."""
+# FastAPI's security schemes put the key into the OpenAPI document, so /docs lists it and its
+# Authorize button sends it; auto_error=False because the key is optional (CAMSERVE_API_KEY).
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="the key in CAMSERVE_API_KEY, when the service has one"
+)
+BEARER = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`, the same key as X-API-Key")
+
+
+def header_bytes(value: str) -> bytes:
+    """The bytes a client sent in a header: starlette decodes header values as latin-1, so encoding
+    back as latin-1 is lossless, and a UTF-8 key arrives as its UTF-8 bytes."""
+    return value.encode("latin-1")
+
+
+async def require_api_key(
+    state: State,
+    api_key: Annotated[str | None, Security(API_KEY_HEADER)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> None:
+    """``X-API-Key: <key>`` or ``Authorization: Bearer <key>``, compared as bytes in constant time."""
     expected = state.settings.api_key
     if expected is None:
         return
-    supplied = request.headers.get("x-api-key", "")
-    authorization = request.headers.get("authorization", "")
-    if not supplied and authorization.lower().startswith("bearer "):
-        supplied = authorization[7:].strip()
-    if not hmac.compare_digest(supplied.encode(), expected.get_secret_value().encode()):
+    supplied = api_key or (bearer.credentials.strip() if bearer else "")
+    if not hmac.compare_digest(header_bytes(supplied), expected.get_secret_value().encode("utf-8")):
         state.metrics.rejections.labels("unauthorized").inc()
         raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -133,11 +150,12 @@ async def predict(
     state: State,
     top_k: Annotated[int, Query(ge=1, le=10, description="classes to return per image")] = 3,
 ) -> JSONResponse:
-    classes = state.bundle.classes
+    engine = state.engine  # this request is answered by this model, even if another is loaded meanwhile
+    classes = engine.bundle.classes
     if top_k > len(classes):
         raise HTTPException(422, f"top_k must be at most {len(classes)}")
     names, images = await _images(request, state)
-    rows = await _run(state, state.predict_batcher, images)
+    rows = await _run(state, state.predict_batcher, pin(engine, images))
     predictions = []
     for name, probabilities in zip(names, rows, strict=True):
         values, indices = probabilities.topk(top_k)
@@ -151,7 +169,7 @@ async def predict(
             }
         )
     # Built to the response model's shape; returned as-is to skip re-validating it on the hot path.
-    return JSONResponse({"model_version": state.bundle.version, "predictions": predictions})
+    return JSONResponse({"model_version": engine.bundle.version, "predictions": predictions})
 
 
 def _resolve_target(target: str | None, classes: list[str]) -> int | None:
@@ -187,16 +205,18 @@ async def gradcam(
     opacity: Annotated[float, Query(ge=0.0, le=1.0, description="heatmap opacity in the overlay")] = 0.5,
     format: Annotated[Literal["json", "png"], Query(description="png: the overlay image (one file only)")] = "json",
 ) -> Any:
-    classes = state.bundle.classes
-    layers = list(state.engine.model.blocks)
-    layer = layer or state.bundle.default_cam_layer
+    engine = state.engine
+    classes = engine.bundle.classes
+    layers = list(engine.model.blocks)
+    layer = layer or engine.bundle.default_cam_layer
     if layer not in layers:
         raise HTTPException(422, f"unknown layer {layer!r}; valid layers: {layers}")
     target_index = _resolve_target(target, classes)
     names, images = await _images(request, state)
     if format == "png" and len(images) != 1:
         raise HTTPException(422, "format=png returns one image: send exactly one file")
-    rows = await _run(state, state.gradcam_batcher, [GradcamJob(img, layer, target_index) for img in images])
+    jobs = [GradcamJob(img, layer, target_index) for img in images]
+    rows = await _run(state, state.gradcam_batcher, pin(engine, jobs))
     results = []
     for name, image, row in zip(names, images, rows, strict=True):
         heatmap = row.heatmap.numpy()
@@ -217,7 +237,30 @@ async def gradcam(
                 "overlay_png": png_base64(blended),
             }
         )
-    return JSONResponse({"model_version": state.bundle.version, "results": results})
+    return JSONResponse({"model_version": engine.bundle.version, "results": results})
+
+
+def calibration_info(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """model.json's calibration record as /health reports it; None for a bundle never calibrated."""
+    record = meta.get("calibration")
+    if not isinstance(record, dict):
+        return None
+    return {
+        "temperature": record.get("temperature", 1.0),
+        "fitted_for_tta": record.get("fitted_for_tta"),
+        "fitted_on_images": (record.get("fitted_on") or {}).get("images"),
+        "ece_bins": record.get("ece_bins"),
+        "test": record.get("test") or {},
+    }
+
+
+def served_test_accuracy(meta: dict[str, Any], tta: str) -> float | None:
+    """The test accuracy of what this server answers: under flip TTA a temperature can tip the mean of the
+    two views for a few images, so a calibrated bundle's own after-temperature figure wins."""
+    after = meta.get("calibration", {}).get("test", {}).get(tta, {}).get("after", {}).get("accuracy")
+    if after is not None:
+        return after
+    return meta.get("test_accuracy_flip_tta" if tta == "flip" else "test_accuracy")
 
 
 @router.get("/health", response_model=Health, summary="Model, accuracy, device and batching")
@@ -239,13 +282,14 @@ async def health(state: State) -> dict[str, Any]:
             "classes": state.bundle.classes,
             "test_accuracy": meta.get("test_accuracy"),
             "test_accuracy_flip_tta": meta.get("test_accuracy_flip_tta"),
-            "served_test_accuracy": meta.get("test_accuracy_flip_tta" if engine.tta == "flip" else "test_accuracy"),
+            "served_test_accuracy": served_test_accuracy(meta, engine.tta),
             "val_accuracy": meta.get("val_accuracy"),
             "per_class_accuracy": meta.get("per_class_accuracy", {}),
             "trained_epochs": meta.get("trained_epochs"),
             "training_seconds": meta.get("training_seconds"),
             "hardware": meta.get("hardware"),
             "dataset": meta.get("dataset"),
+            "calibration": calibration_info(meta),
         },
         "gradcam": {
             "layers": state.layers,

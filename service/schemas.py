@@ -46,6 +46,42 @@ class LayerInfo(BaseModel):
     jump: int
 
 
+class ReliabilityBin(BaseModel):
+    lower: float = Field(description="the bin holds images whose top-1 probability is in (lower, upper]")
+    upper: float
+    count: int
+    confidence: float | None = Field(description="mean top-1 probability in the bin; null when empty")
+    accuracy: float | None = Field(description="fraction of the bin's images whose top-1 class is right")
+
+
+class CalibrationMetrics(BaseModel):
+    images: int
+    accuracy: float
+    ece: float = Field(description="expected calibration error, top-1, equal-width bins")
+    nll: float = Field(description="mean negative log-likelihood of the true class")
+    brier: float = Field(description="mean squared distance to the one-hot label, summed over classes")
+    mean_confidence: float
+    reliability: list[ReliabilityBin]
+
+
+class CalibrationComparison(BaseModel):
+    before: CalibrationMetrics = Field(description="T = 1: the network's own probabilities")
+    after: CalibrationMetrics = Field(description="with the bundle's temperature, as served")
+    top1_changed: int = Field(description="test images whose top-1 class the temperature changed")
+
+
+class CalibrationInfo(BaseModel):
+    temperature: float = Field(description="every view's logits are divided by T before its softmax")
+    fitted_for_tta: str | None = Field(None, examples=["flip"], description="the TTA mode T was fitted for")
+    fitted_on_images: int | None = Field(
+        None, description="held-out training images T was fitted on, never test images"
+    )
+    ece_bins: int | None = Field(None, examples=[15])
+    test: dict[str, CalibrationComparison] = Field(
+        default_factory=dict, description="test-set figures per TTA mode ('flip', 'none'), before and after T"
+    )
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -63,6 +99,7 @@ class ModelInfo(BaseModel):
     training_seconds: float | None = None
     hardware: str | None = None
     dataset: dict | str | None
+    calibration: CalibrationInfo | None = Field(None, description="temperature scaling; null if not calibrated")
 
 
 class GradcamInfo(BaseModel):

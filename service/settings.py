@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The shipped bundle, next to the packages in a checkout and baked into the container image.
@@ -70,7 +70,21 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(15.0, gt=0, description="a connection without a request in progress is closed")
     max_connections: int = Field(1000, ge=1, description="open connections (or requests) before 503s")
 
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(None, description="when set, the API needs it (X-API-Key or Bearer)")
     cors_origins: list[str] = []
     log_level: str = "info"
     log_requests: bool = True
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_not_blank(cls, key: SecretStr | None) -> SecretStr | None:
+        """An empty key would lock everyone out (or, compared carelessly, let everyone in), and a key with
+        spaces around it can never match a header value (HTTP strips them): refuse both at start-up."""
+        if key is None:
+            return None
+        value = key.get_secret_value()
+        if not value.strip():
+            raise ValueError("CAMSERVE_API_KEY is set but empty; unset it to serve without a key, or give a key")
+        if value != value.strip():
+            raise ValueError("CAMSERVE_API_KEY starts or ends with whitespace, which no HTTP header can carry")
+        return key

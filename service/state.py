@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from camcore.bundle import Bundle
 from service.batcher import DynamicBatcher
 from service.decoding import Decoder
-from service.engine import GradcamJob, GradcamRow, InferenceEngine
+from service.engine import GradcamRow, InferenceEngine
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -21,9 +24,13 @@ class ServiceState:
     settings: Settings
     metrics: ServiceMetrics
     bundle: Bundle | None = None
-    engine: InferenceEngine | None = None
-    predict_batcher: DynamicBatcher[torch.Tensor, torch.Tensor] | None = None
-    gradcam_batcher: DynamicBatcher[GradcamJob, GradcamRow] | None = None
+    engine: InferenceEngine | None = None  # the one new requests are pinned to (service.reload)
+    # Payloads are service.reload.Pinned[torch.Tensor] and Pinned[GradcamJob].
+    predict_batcher: DynamicBatcher[Any, torch.Tensor] | None = None
+    gradcam_batcher: DynamicBatcher[Any, GradcamRow] | None = None
+    executor: Executor | None = None  # the model threads: batches, and reloads' build and warm-up
+    device: torch.device | None = None
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reload at a time
     decoder: Decoder | None = None  # decode threads and this process's decode memory budget
     misclassified: list[dict] = field(default_factory=list)
     layers: list[dict] = field(default_factory=list)  # Grad-CAM targets and their geometry, for /health

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# tests/ for helpers; bench/ for the server harness and fixtures the benchmarks share (bench never imports tests)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from helpers import make_bundle, make_image_folder
 

@@ -1,33 +1,29 @@
-"""Test data the tests make themselves: tiny image folders and untrained bundles."""
+"""Test data the tests make themselves: tiny image folders, animations, a slice of the real test set,
+and the reference probabilities. Bundles and noise images come from ``bench/fixtures.py``, which the
+benchmarks share."""
 
 from __future__ import annotations
 
-import io
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from fixtures import CLASSES, encode, make_bundle, random_image
 from PIL import Image
 
-from camcore.bundle import MISCLASSIFIED_DIR, write_bundle
-from camcore.network import block_geometry, build_network
-from camcore.preprocess import CIFAR10_MEAN, CIFAR10_STD
-
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def random_image(seed: int, size: tuple[int, int] = (32, 32), mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
-    array = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
-    return Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode=mode)
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
+__all__ = [
+    "CLASSES",
+    "animation",
+    "encode",
+    "grad_cam_by_hand",
+    "make_bundle",
+    "make_image_folder",
+    "random_image",
+    "real_test_slice",
+    "served_probabilities",
+]
 
 
 def animation(count: int, fmt: str = "GIF", seed: int = 0) -> tuple[bytes, Image.Image]:
@@ -58,44 +54,6 @@ def make_image_folder(root: Path, classes: list[str] = CLASSES, train_per_class:
     return root
 
 
-def make_bundle(path: Path, seed: int = 0, misclassified: int = 6) -> Path:
-    """An untrained but complete bundle (valid format, real weights file, misclassified PNGs)."""
-    torch.manual_seed(seed)
-    model = build_network(len(CLASSES)).eval()
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MISCLASSIFIED_DIR).mkdir(exist_ok=True)
-    entries = []
-    for i in range(misclassified):
-        name = f"{MISCLASSIFIED_DIR}/{i:03d}-test{i:05d}.png"
-        random_image(100 + i).save(path / name)
-        entries.append(
-            {
-                "file": name,
-                "test_index": i,
-                "true_label": CLASSES[i % 10],
-                "predicted_label": CLASSES[(i + 1) % 10],
-                "confidence": 0.5,
-            }
-        )
-    metadata = {
-        "name": "test-bundle",
-        "classes": CLASSES,
-        "mean": list(CIFAR10_MEAN),
-        "std": list(CIFAR10_STD),
-        "input_size": 32,
-        "test_accuracy": 0.1,
-        "test_accuracy_flip_tta": 0.125,
-        "val_accuracy": 0.1,
-        "per_class_accuracy": dict.fromkeys(CLASSES, 0.1),
-        "precision_agreement": {"fp32": 1.0, "bf16": 1.0},
-        "trained_epochs": 0,
-        "dataset": {"source": "none"},
-        "gradcam": {"default_layer": "layer2", "layers": [vars(r) for r in block_geometry(model)]},
-        "misclassified": entries,
-    }
-    return write_bundle(path, model, metadata)
-
-
 def real_test_slice(archive: Path, per_class: int) -> list[tuple[str, bytes, str]]:
     """The first ``per_class`` test JPEGs of each class in the archive: (filename, bytes, label)."""
     picked: dict[str, list[tuple[str, bytes, str]]] = {}
@@ -111,12 +69,39 @@ def real_test_slice(archive: Path, per_class: int) -> list[tuple[str, bytes, str
     return [row for rows in picked.values() for row in rows]
 
 
-def served_probabilities(model: torch.nn.Module, x: torch.Tensor, tta: str = "flip") -> torch.Tensor:
+def served_probabilities(
+    model: torch.nn.Module, x: torch.Tensor, tta: str = "flip", temperature: float = 1.0
+) -> torch.Tensor:
     """What the service should answer for a normalised batch, written out independently of its engine:
-    softmax of the logits, averaged with the mirrored image's under flip test-time augmentation (the
-    service's default, ``CAMSERVE_TTA``)."""
+    softmax of the logits divided by the bundle's temperature, averaged with the mirrored image's under
+    flip test-time augmentation (the service's default, ``CAMSERVE_TTA``)."""
     with torch.inference_mode():
-        probabilities = model(x).float().softmax(1)
+        probabilities = (model(x).float() / temperature).softmax(1)
         if tta == "flip":
-            probabilities = (probabilities + model(x.flip(3)).float().softmax(1)) / 2
+            probabilities = (probabilities + (model(x.flip(3)).float() / temperature).softmax(1)) / 2
     return probabilities
+
+
+def grad_cam_by_hand(model: torch.nn.Module, x: torch.Tensor, layer: str, target: int) -> torch.Tensor:
+    """Grad-CAM for one normalised image (1, 3, H, W), written out independently of camcore.cam: the
+    gradient of the target's logit with respect to the layer's output (a hook keeps it), channels
+    weighted by its spatial mean, ReLU, min-max scaled to [0, 1], bilinear upsampling to (H, W)."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        output.retain_grad()
+        kept["activations"] = output
+
+    handle = getattr(model, layer).register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().clone().requires_grad_(True))
+            logits[0, target].backward()
+    finally:
+        handle.remove()
+    activations = kept["activations"].detach()[0]
+    gradients = kept["activations"].grad[0]
+    cam = torch.relu((gradients.mean(dim=(1, 2))[:, None, None] * activations).sum(0))
+    cam = cam - cam.min()
+    cam = cam / (cam.max() + 1e-7)
+    return F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]

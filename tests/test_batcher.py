@@ -1,10 +1,15 @@
-"""The dynamic batcher on its own, with a stand-in model: ordering, batching, timeouts, faults, drain."""
+"""The dynamic batcher on its own, with a stand-in model: ordering, batching, timeouts, faults, drain.
+
+What happens when is pinned down with events and barriers, never with wall-clock thresholds that a
+busy two-core machine could break: a test waits for a condition (bounded by a generous timeout that
+only a broken batcher reaches), not for a time."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,8 +26,10 @@ class FakeModel:
         self.fail_when: int | None = None
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # set once a batch is inside the model (held there by ``gate``)
 
     def __call__(self, xs: list[int]) -> list[int]:
+        self.entered.set()
         self.gate.wait(5)
         self.batches.append(list(xs))
         if self.fail_when is not None and self.fail_when in xs:
@@ -37,6 +44,13 @@ def executor():
         yield pool
 
 
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Yield to the event loop until ``condition`` holds; the timeout is only a broken batcher's limit."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
 def make(model: FakeModel, executor, **kwargs) -> tuple[DynamicBatcher, list[BatchStats]]:
     stats: list[BatchStats] = []
     options = {"max_batch_size": 8, "max_wait_ms": 5.0, "queue_size": 64} | kwargs
@@ -47,10 +61,10 @@ def make(model: FakeModel, executor, **kwargs) -> tuple[DynamicBatcher, list[Bat
 
 async def test_a_lone_request_does_not_wait_for_a_batch(executor):
     model = FakeModel()
-    batcher, _ = make(model, executor, max_wait_ms=500.0)
-    started = time.perf_counter()
+    # A batcher that waited for the batch to fill would answer after ten minutes, not within the 5 s.
+    batcher, stats = make(model, executor, max_wait_ms=600_000.0)
     assert await batcher.submit([21], timeout_s=5) == [42]
-    assert time.perf_counter() - started < 0.25  # far below the 500 ms max wait
+    assert [s.size for s in stats] == [1]
     await batcher.stop()
 
 
@@ -127,13 +141,23 @@ async def test_stop_finishes_accepted_work_then_refuses(executor):
 
 async def test_queued_batches_run_back_to_back_on_the_model_thread(executor):
     """Once a batch ends, the model thread itself takes what queued meanwhile: no event-loop round trip."""
-    model = FakeModel()
+    fourth_done = threading.Event()
+
+    class Recording(FakeModel):
+        def __call__(self, xs: list[int]) -> list[int]:
+            result = super().__call__(xs)
+            if len(self.batches) == 4:
+                fourth_done.set()
+            return result
+
+    model = Recording()
     model.gate.clear()
     batcher, stats = make(model, executor, max_batch_size=1)
     tasks = [asyncio.create_task(batcher.submit([i], timeout_s=5)) for i in range(4)]
-    await asyncio.sleep(0.05)  # [0] is on the model thread, held at the gate; [1], [2], [3] are queued
+    await until(model.entered.is_set)  # [0] is on the model thread, held at the gate; [1], [2], [3] are queued
     model.gate.set()
-    time.sleep(0.3)  # block the event loop: only the model thread can move the queue now
+    # Block the event loop: only the model thread can move the queue now, and it must run all four.
+    assert fourth_done.wait(5), f"the model thread stopped after {model.batches}"
     assert model.batches == [[0], [1], [2], [3]]
     assert await asyncio.gather(*tasks) == [[0], [2], [4], [6]]
     assert [s.size for s in stats] == [1, 1, 1, 1]
@@ -142,15 +166,33 @@ async def test_queued_batches_run_back_to_back_on_the_model_thread(executor):
 
 async def test_back_to_back_batches_leave_the_model_thread_to_another_batcher(executor):
     """A batcher that always has work hands the shared model thread over between two of its batches."""
-    busy, other = FakeModel(delay_s=0.005), FakeModel()
+    order: list[str] = []
+    release = threading.Event()
+
+    class Flooded(FakeModel):
+        def __call__(self, xs: list[int]) -> list[int]:
+            order.append("flooded")
+            if len(order) == 3:
+                release.wait(5)  # hold the third batch until the other batcher's call waits for the thread
+            return super().__call__(xs)
+
+    class Other(FakeModel):
+        def __call__(self, xs: list[int]) -> list[int]:
+            order.append("other")
+            return super().__call__(xs)
+
+    busy, other = Flooded(), Other()
     flooded, _ = make(busy, executor, max_batch_size=1)
     second, _ = make(other, executor)
-    flood = [asyncio.create_task(flooded.submit([i], timeout_s=10)) for i in range(60)]  # 0.3 s of batches
-    await asyncio.sleep(0.02)
-    started = time.perf_counter()
-    assert await second.submit([5], timeout_s=5) == [10]
-    assert time.perf_counter() - started < 0.15  # between two batches, not after all 60
+    flood = [asyncio.create_task(flooded.submit([i], timeout_s=10)) for i in range(60)]
+    await until(lambda: len(order) == 3)
+    answer = asyncio.create_task(second.submit([5], timeout_s=5))
+    await until(lambda: executor.waiting == 1)  # the other batcher's batch waits for the model thread
+    release.set()
+    assert await answer == [10]
     assert await asyncio.gather(*flood) == [[2 * i] for i in range(60)]
+    # Handed over between two batches (right after the held one), not after all 60.
+    assert order.index("other") == 3, order[:6]
     await flooded.stop()
     await second.stop()
 
@@ -182,11 +224,16 @@ async def test_idle_lanes_share_the_queue_evenly():
 
 
 def test_model_threads_count_the_calls_waiting_for_a_thread():
-    release = threading.Event()
+    release, started = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return release.wait(5)
+
     with ModelThreads(1) as pool:
-        running = pool.submit(release.wait, 5)
+        running = pool.submit(hold)
+        assert started.wait(5)
         queued = [pool.submit(int, "7") for _ in range(3)]
-        time.sleep(0.05)
         assert pool.waiting == 3  # the first call holds the only thread
         release.set()
         assert [f.result(5) for f in queued] == [7, 7, 7] and running.result(5)

@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from harness import camserve
 from helpers import encode, random_image
 from PIL import Image
-from serving import running_server
 
 from service.app import create_app
 from service.decoding import DecodeBusy, DecodeLimits, Decoder, MemoryBudget
@@ -66,9 +66,8 @@ class Server:
 
 @contextmanager
 def serve(bundle_dir: Path, log: Path, **settings: str) -> Iterator[Server]:
-    with running_server(bundle_dir, log, **{**SETTINGS, **settings}) as (base, _):
-        host, port = base.removeprefix("http://").split(":")
-        yield Server(base, (host, int(port)), log)
+    with camserve(bundle_dir, log, **{**SETTINGS, **settings}) as running:
+        yield Server(running.base_url, running.address, log)
 
 
 @pytest.fixture(scope="module")

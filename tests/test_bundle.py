@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import make_bundle
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from camcore.bundle import METADATA_FILE, WEIGHTS_FILE, BundleError, load_bundle, sha256_of
+from camcore.network import build_network
 
 
 @pytest.fixture
@@ -35,8 +36,19 @@ def test_loads_fp32_eval_model_returning_logits(bundle: Path):
     assert not loaded.model.training
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in loaded.model.parameters())
     assert list(loaded.model.blocks) == ["prep", "layer1", "layer2", "layer3"]
-    logits = loaded.model(torch.zeros(2, 3, 32, 32))
-    assert logits.shape == (2, 10) and not torch.allclose(logits.softmax(1).sum(1), logits.sum(1))
+    # The weights are the file's, tensor for tensor, and the model computes with them: its logits are
+    # those of the network that make_bundle saved (built from the same seed), and not probabilities.
+    saved = load_file(bundle / WEIGHTS_FILE)
+    state = loaded.model.state_dict()
+    assert set(saved) <= set(state) and all(torch.equal(state[name], tensor) for name, tensor in saved.items())
+    torch.manual_seed(0)
+    original = build_network(10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = loaded.model(x)
+        assert torch.equal(logits, original(x))
+        assert not torch.equal(logits, build_network(10).eval()(x))  # another seed: other weights, other logits
+    assert logits.shape == (2, 10) and (logits < 0).any()
     assert loaded.version == sha256_of(bundle / WEIGHTS_FILE)
 
 

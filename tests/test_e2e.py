@@ -11,9 +11,9 @@ import httpx
 import pytest
 import torch
 from conftest import SHIPPED_BUNDLE, shared_cifar_archive
+from harness import camserve
 from helpers import encode, random_image, real_test_slice, served_probabilities
 from PIL import Image
-from serving import running_server
 
 from camcore.bundle import load_bundle
 from camcore.preprocess import Normalize, image_to_uint8
@@ -28,14 +28,15 @@ def _model_dir(bundle_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(_model_dir(bundle_dir), log, precision="fp32", log_requests="false") as (base, process):
-        yield base, process
+    with camserve(_model_dir(bundle_dir), log, precision="fp32", log_requests="false") as server:
+        yield server.base_url, server.process
 
 
 def _reference_probabilities(model_dir: Path, payloads: list[bytes]) -> torch.Tensor:
     bundle = load_bundle(model_dir)
     images = torch.stack([image_to_uint8(Image.open(io.BytesIO(p))) for p in payloads])
-    return served_probabilities(bundle.model, Normalize(bundle.metadata["mean"], bundle.metadata["std"])(images))
+    x = Normalize(bundle.metadata["mean"], bundle.metadata["std"])(images)
+    return served_probabilities(bundle.model, x, temperature=bundle.temperature)
 
 
 def test_concurrent_clients_over_real_http(server, bundle_dir):
@@ -92,7 +93,8 @@ def test_served_predictions_reproduce_the_bundle_on_real_test_images(server, bun
 def test_sigterm_finishes_accepted_requests_then_exits_cleanly(bundle_dir, tmp_path):
     payload = encode(random_image(7))
     log = tmp_path / "server.log"
-    with running_server(_model_dir(bundle_dir), log, log_requests="true") as (base, process):
+    with camserve(_model_dir(bundle_dir), log, log_requests="true") as server:
+        base, process = server.base_url, server.process
 
         async def load_then_stop():
             async with httpx.AsyncClient(base_url=base, timeout=60) as client:

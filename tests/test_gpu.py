@@ -41,7 +41,7 @@ def cpu_reference(real_images):
     bundle = load_bundle(SHIPPED_BUNDLE)
     images = torch.stack([image_to_uint8(Image.open(io.BytesIO(data))) for _, data, _ in real_images])
     x = Normalize(bundle.metadata["mean"], bundle.metadata["std"])(images)
-    return bundle, images, served_probabilities(bundle.model, x)
+    return bundle, images, served_probabilities(bundle.model, x, temperature=bundle.temperature)
 
 
 @pytest.fixture

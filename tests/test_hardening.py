@@ -32,10 +32,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from harness import camserve, multipart_body
 from helpers import animation, encode, served_probabilities
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from serving import running_server
 
 from camcore.bundle import MISCLASSIFIED_DIR, load_bundle, write_bundle
 from camcore.preprocess import Normalize
@@ -96,9 +96,8 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "max_image_frames": str(MAX_FRAMES),
         "log_requests": "true",
     }
-    with running_server(model_dir, log, **settings) as (base, process):
-        host, port = base.removeprefix("http://").split(":")
-        yield Server(base, (host, int(port)), process.pid, log, model_dir)
+    with camserve(model_dir, log, **settings) as running:
+        yield Server(running.base_url, running.address, running.pid, log, model_dir)
 
 
 @dataclass(frozen=True)
@@ -233,16 +232,7 @@ class RawResponse:
 
 
 def multipart(files: list[tuple[str, bytes]]) -> bytes:
-    parts = [
-        (
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        + data
-        + b"\r\n"
-        for name, data in files
-    ]
-    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+    return multipart_body(files, boundary=BOUNDARY, part_type="application/octet-stream").data
 
 
 def post_head(path: str, length: int | None) -> bytes:

@@ -14,13 +14,22 @@ def test_blocks_are_named_sequentials_in_forward_order():
         assert block is getattr(model, name)
 
 
-def test_forward_returns_logits_of_the_right_shape():
+def test_forward_returns_the_heads_logits_on_the_pooled_features():
+    torch.manual_seed(0)
     model = build_network(num_classes=10).eval()
     x = torch.randn(4, 3, 32, 32)
-    logits = model(x)
+    with torch.no_grad():
+        logits = model(x)
+        features = x
+        for block in model.blocks.values():
+            features = block(features)
+    assert features.shape == (4, 512, 4, 4)
+    # Written out: global max-pool, the bias-free linear layer, the 1/8 logit scale; no softmax.
+    by_hand = features.amax(dim=(2, 3)) @ model.head[2].weight.T * 0.125
     assert logits.shape == (4, 10)
-    # Logits, not probabilities: rows do not sum to 1 and may be negative.
-    assert not torch.allclose(logits.sum(1), torch.ones(4))
+    assert torch.allclose(logits, by_hand, atol=1e-6)
+    # Scores, not probabilities: negative entries, rows that do not sum to 1.
+    assert (logits < 0).any() and not torch.allclose(logits.sum(1), torch.ones(4), atol=1e-3)
 
 
 def test_parameter_count_matches_the_architecture():

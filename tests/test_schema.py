@@ -5,6 +5,10 @@ ones and deliberately invalid ones (wrong types, out-of-range values, missing fi
 them to the app with its lifespan running (model loaded and warm). Every answer must be free of
 5xx, carry a documented status and content type, and match the documented response schema.
 
+The app requires an API key, and every generated request carries it: Schemathesis' ``ignored_auth``
+check then sends each request to a protected operation again without it, and expects the 401 the
+schema's security requirement promises.
+
 One built-in check is left out: ``positive_data_acceptance`` expects a 2xx for any body the schema
 allows, but ``format: binary`` cannot say "an image", so random bytes are rightly refused with 400.
 
@@ -19,6 +23,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
 from camcore.bundle import Bundle, load_bundle
 from service.app import create_app
@@ -29,6 +34,7 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
 EXAMPLES_PER_OPERATION = 30
+API_KEY = "schema-test-key"
 
 
 def service_settings(model_dir: Path) -> Settings:
@@ -40,6 +46,7 @@ def service_settings(model_dir: Path) -> Settings:
         max_upload_bytes=256 * 1024,
         max_image_pixels=1_000_000,
         log_requests=False,
+        api_key=SecretStr(API_KEY),
     )
 
 
@@ -74,6 +81,6 @@ def test_operation_honours_the_schema(api_schema, method: str, path: str) -> Non
     @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck))
     @given(case=cases)
     def conforms(case) -> None:
-        case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        case.call_and_validate(headers={"X-API-Key": API_KEY}, excluded_checks=[positive_data_acceptance])
 
     conforms()

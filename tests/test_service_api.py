@@ -6,6 +6,8 @@ import asyncio
 import base64
 import io
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import CLASSES, animation, encode, random_image, served_probabilities
+from helpers import CLASSES, animation, encode, grad_cam_by_hand, random_image, served_probabilities
 from PIL import Image
 from pydantic import SecretStr, ValidationError
 
@@ -67,9 +69,13 @@ def png(seed: int, **kwargs) -> bytes:
 
 
 def single_image_probabilities(app, data: bytes) -> torch.Tensor:
-    """Reference: the engine on this one image alone, no HTTP, no batching."""
+    """Reference, independent of the engine: this one image alone through the bundle's fp32 network,
+    eagerly, with the normalisation, softmax and flip average written out (``served_probabilities``)."""
+    bundle = app.state.camserve.bundle
     image = image_to_uint8(Image.open(io.BytesIO(data)))
-    return app.state.camserve.engine.predict([image])[0]
+    mean, std = (torch.tensor(bundle.metadata[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
+    x = (image[None].float() / 255 - mean) / std
+    return served_probabilities(bundle.model, x)[0]
 
 
 # -- health and metadata ---------------------------------------------------------------------------
@@ -335,8 +341,8 @@ async def test_full_queue_answers_503_with_retry_after(settings, bundle_dir):
 
 
 async def test_a_failing_batch_fails_only_its_requests(client, app):
-    engine = app.state.camserve.engine
-    original = engine.predict
+    engine_batcher = app.state.camserve.predict_batcher
+    original = engine_batcher._run_batch
     calls = {"n": 0}
 
     def flaky(images):
@@ -345,7 +351,6 @@ async def test_a_failing_batch_fails_only_its_requests(client, app):
             raise RuntimeError("simulated device fault")
         return original(images)
 
-    engine_batcher = app.state.camserve.predict_batcher
     engine_batcher._run_batch = flaky
     try:
         failed = await client.post("/predict", files=files(("a.png", png(0))))
@@ -396,8 +401,8 @@ async def test_gradcam_opacity_changes_the_overlay(client):
         ("layer=layer9", "valid layers: ['prep', 'layer1', 'layer2', 'layer3']"),
         ("target=giraffe", "unknown target 'giraffe'"),
         ("target=10", "out of range"),
-        ("opacity=1.5", ""),
-        ("format=gif", ""),
+        ("opacity=1.5", "less than or equal to 1"),
+        ("format=gif", "'json' or 'png'"),
     ],
 )
 async def test_gradcam_bad_parameters_are_422(client, query, words):
@@ -482,14 +487,15 @@ async def test_gradcam_under_flip_tta_reports_predicts_probabilities_and_the_pla
     data = png(11)
     image = image_to_uint8(Image.open(io.BytesIO(data)))
     bundle = app.state.camserve.bundle
-    probabilities = app.state.camserve.engine.predict([image])[0]
+    probabilities = single_image_probabilities(app, data)  # flip TTA, as /predict answers
     target = int(probabilities.argmax())
     response = await client.post("/gradcam?layer=layer2", files=files(("a.png", data)))
     result = response.json()["results"][0]
     assert result["target_index"] == target  # the default target: the TTA prediction, as /predict gives it
     assert result["probability"] == pytest.approx(float(probabilities[target]), abs=1e-5)
-    plain = class_activation_maps(ServedForward.from_bundle(bundle), image[None], "layer2", [target])  # no TTA
-    assert np.allclose(np.asarray(result["heatmap"]), plain.heatmaps[0].numpy(), atol=2e-4)  # 4 decimals served
+    mean, std = (torch.tensor(bundle.metadata[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
+    plain = grad_cam_by_hand(bundle.model, (image[None].float() / 255 - mean) / std, "layer2", target)  # no TTA
+    assert np.allclose(np.asarray(result["heatmap"]), plain.numpy(), atol=2e-4)  # 4 decimals served
 
 
 async def test_model_weights_never_store_gradients(client, app):
@@ -536,6 +542,56 @@ async def test_api_key_protects_the_api_but_not_the_probes(settings):
         assert (await client.post("/predict", files=upload, headers={"X-API-Key": "s3cret"})).status_code == 200
         for path in ("/health", "/livez", "/readyz"):
             assert (await client.get(path)).status_code == 200
+
+
+async def test_openapi_declares_the_key_so_docs_can_send_it(client):
+    schema = (await client.get("/openapi.json")).json()
+    schemes = schema["components"]["securitySchemes"]
+    header = schemes["APIKeyHeader"]
+    assert (header["type"], header["in"], header["name"]) == ("apiKey", "header", "X-API-Key")
+    assert schemes["HTTPBearer"]["type"] == "http" and schemes["HTTPBearer"]["scheme"] == "bearer"
+    for path, method in (("/predict", "post"), ("/gradcam", "post"), ("/misclassified", "get")):
+        assert {name for entry in schema["paths"][path][method]["security"] for name in entry} == set(schemes)
+    for path in ("/health", "/livez", "/readyz", "/metrics"):
+        assert "security" not in schema["paths"][path]["get"]
+
+
+async def test_api_key_is_compared_as_utf8_bytes(settings):
+    key = "clé-ключ-鍵"
+    app = create_app(settings.model_copy(update={"api_key": SecretStr(key)}))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client,
+    ):
+        upload = files(("a.png", png(0)))
+
+        async def status(headers: dict[str, bytes]) -> int:
+            return (await client.post("/predict", files=upload, headers=headers)).status_code
+
+        # Raw header bytes, as a client sends them: the key's UTF-8 encoding is accepted...
+        assert await status({"X-API-Key": key.encode("utf-8")}) == 200
+        assert await status({"Authorization": b"Bearer " + key.encode("utf-8")}) == 200
+        # ...and neither another encoding of the same text nor a prefix of its bytes is.
+        assert await status({"X-API-Key": "clé".encode("latin-1")}) == 401
+        assert await status({"X-API-Key": key.encode("utf-8")[:-1]}) == 401
+        assert await status({"Authorization": b"Basic " + key.encode("utf-8")}) == 401
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t"])
+def test_a_blank_api_key_is_refused_at_start_up(monkeypatch, blank):
+    monkeypatch.setenv("CAMSERVE_API_KEY", blank)
+    with pytest.raises(ValidationError, match="CAMSERVE_API_KEY is set but empty"):
+        Settings()
+    monkeypatch.setenv("CAMSERVE_API_KEY", " padded ")
+    with pytest.raises(ValidationError, match="starts or ends with whitespace"):
+        Settings()
+
+
+def test_python_m_service_exits_2_naming_a_blank_api_key(bundle_dir: Path):
+    env = {**os.environ, "CAMSERVE_API_KEY": "  ", "CAMSERVE_MODEL_DIR": str(bundle_dir), "CAMSERVE_PORT": "0"}
+    done = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "camserve: cannot start: CAMSERVE_API_KEY is set but empty" in done.stderr
 
 
 async def test_an_app_started_again_after_a_stop_is_ready_again(settings):

@@ -7,22 +7,21 @@ land in ``tests/artifacts/`` (ignored by git). Without Playwright or Chromium th
 
 from __future__ import annotations
 
+import io
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 CHROMIUM = Path(os.environ.get("CAMSERVE_CHROMIUM", "/usr/bin/chromium"))
 
 try:
-    from playwright.sync_api import Browser, Page, expect, sync_playwright
+    from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 except ImportError:
     pytest.skip(
         "browser tests need Playwright for Python: `pip install playwright` (no `playwright install`; "
@@ -35,7 +34,8 @@ if not CHROMIUM.is_file():
         allow_module_level=True,
     )
 
-from helpers import CLASSES, make_bundle  # noqa: E402  (pytest puts tests/ on sys.path)
+from harness import camserve  # noqa: E402  (conftest puts bench/ on sys.path)
+from helpers import CLASSES, make_bundle  # noqa: E402  (and tests/)
 
 pytestmark = pytest.mark.browser
 
@@ -61,51 +61,14 @@ class Server:
         self.trained = trained
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     trained = (REAL_BUNDLE / "model.json").is_file()
     bundle = REAL_BUNDLE if trained else make_bundle(tmp_path_factory.mktemp("web") / "bundle")
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("web-log") / "server.log"
-    env = {
-        **os.environ,
-        "CAMSERVE_MODEL_DIR": str(bundle),
-        "CAMSERVE_HOST": "127.0.0.1",
-        "CAMSERVE_PORT": str(port),
-        "CAMSERVE_TORCH_THREADS": "1",
-        "CAMSERVE_LOG_REQUESTS": "false",
-        "CAMSERVE_LOG_LEVEL": "warning",
-    }
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"`python -m service` exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready within 90 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield Server(url, trained)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    settings = {"torch_threads": 1, "log_requests": "false", "log_level": "warning"}
+    with camserve(bundle, log_path, start_timeout_s=90, **settings) as running:
+        yield Server(running.base_url, trained)
 
 
 @pytest.fixture(scope="module")
@@ -189,33 +152,90 @@ def test_upload_shows_top_k_bars_with_the_right_label(page: Page, server: Server
     shot(page, "01-top-k-bars")
 
 
-def test_gradcam_overlay_appears_and_follows_opacity(page: Page, server: Server) -> None:
+def canvas_rgb(canvas: Locator) -> np.ndarray:
+    """The pixels a canvas holds, (H, W, 3), as the page painted them."""
+    size, data = canvas.evaluate(
+        "c => [[c.height, c.width], Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]"
+    )
+    return np.array(data, dtype=np.int16).reshape(*size, 4)[..., :3]
+
+
+def server_overlay(server: Server, example: str, **query: str) -> np.ndarray:
+    """The server's own PNG overlay (``format=png``) of a shipped example image."""
+    files = [("files", (f"{example}.png", (EXAMPLES / f"{example}.png").read_bytes(), "image/png"))]
+    response = httpx.post(f"{server.url}/gradcam", params={"format": "png", **query}, files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"), dtype=np.int16)
+
+
+def assert_same_overlay(canvas: Locator, server: Server, example: str, **query: str) -> None:
+    """The browser's overlay against the server's: equal but where the heatmap's 4-decimal rounding in
+    the JSON answer moved a value to the neighbouring colour of the map, which changes a pixel by at
+    most the map's largest step between neighbours, times the opacity, plus one for rounding (here
+    1-2 levels, never more than 4)."""
+    colormap = np.array(httpx.get(f"{server.url}/health").json()["gradcam"]["colormap"], dtype=np.int16)
+    bound = int(np.ceil(np.abs(np.diff(colormap, axis=0)).max() * float(query["opacity"]))) + 1
+    painted, served = canvas_rgb(canvas), server_overlay(server, example, **query)
+    assert painted.shape == served.shape == (32, 32, 3)
+    difference = np.abs(painted - served)
+    assert difference.max() <= bound, f"{example} {query}: off by up to {difference.max()} levels (bound {bound})"
+    assert (difference > 0).mean() < 0.02, f"{example} {query}: {(difference > 0).mean():.1%} of values differ"
+
+
+def test_gradcam_overlay_is_composited_in_the_page_and_the_slider_asks_nothing(page: Page, server: Server) -> None:
     health = httpx.get(f"{server.url}/health").json()
+    default_layer = health["gradcam"]["default_layer"]
     layer_options = page.locator("#layer option")
     expect(layer_options).to_have_count(len(health["gradcam"]["layers"]))
-    expect(page.locator("#layer")).to_have_value(health["gradcam"]["default_layer"])
+    expect(page.locator("#layer")).to_have_value(default_layer)
     for row in health["gradcam"]["layers"]:
         expect(page.locator(f'#layer option[value="{row["name"]}"]')).to_contain_text(f"{row['receptive_field']} px")
+    gradcam_requests: list[str] = []
+    page.on("request", lambda request: gradcam_requests.append(request.url) if "/gradcam" in request.url else None)
 
     page.click("#all-examples")
     expect(page.locator(".result-card .verdict")).to_have_count(10)
     page.focus("#gradcam-on")  # keyboard: the switch is a focusable checkbox
     page.keyboard.press("Space")
     expect(page.locator("#gradcam-on")).to_be_checked()
-    overlays = page.locator(".result-card img.overlay")
+    overlays = page.locator(".result-card canvas.overlay")
     expect(overlays).to_have_count(10)
-    first = overlays.first
-    expect(first).to_have_attribute("src", re.compile(r"^data:image/png;base64,"))
-    assert first.evaluate("img => img.complete && img.naturalWidth") == 32
-    assert first.evaluate("img => getComputedStyle(img).imageRendering") == "pixelated"
-    before = first.get_attribute("src")
+    first, last = overlays.first, overlays.last
+    expect(first).to_have_attribute("data-opacity", "0.5")
+    assert first.evaluate("c => [c.width, c.height]") == [32, 32]
+    assert first.evaluate("c => getComputedStyle(c).imageRendering") == "pixelated"
+    assert len(gradcam_requests) == 1, gradcam_requests  # one request for the ten images
+    assert_same_overlay(first, server, "airplane", layer=default_layer, opacity="0.5")
     shot(page, "02-gradcam-on")
 
     page.focus("#opacity")
     page.keyboard.press("End")
     expect(page.locator("#opacity-value")).to_have_text("100%")
-    expect(page.locator(".result-card img.overlay").first).not_to_have_attribute("src", before)
-    shot(page, "03-gradcam-opacity-100")
+    expect(first).to_have_attribute("data-opacity", "1")
+    assert_same_overlay(first, server, "airplane", layer=default_layer, opacity="1")
+    for _ in range(3):
+        page.keyboard.press("ArrowLeft")
+    expect(page.locator("#opacity-value")).to_have_text("85%")
+    expect(last).to_have_attribute("data-opacity", "0.85")
+    assert_same_overlay(last, server, "truck", layer=default_layer, opacity="0.85")
+    shot(page, "03-gradcam-opacity-85")
+    # Longer than any debounce a re-request would sit behind: the slider sent nothing.
+    page.wait_for_timeout(750)
+    assert len(gradcam_requests) == 1, gradcam_requests
+
+    # The layer and the class to explain do change the answer: those still ask the server.
+    other_layer = next(row["name"] for row in health["gradcam"]["layers"] if row["name"] != default_layer)
+    with page.expect_request(lambda request: "/gradcam" in request.url) as asked:
+        page.select_option("#layer", other_layer)
+    assert f"layer={other_layer}" in asked.value.url
+    expect(page.locator(".result-card .legend").first).to_contain_text(other_layer)
+    assert_same_overlay(first, server, "airplane", layer=other_layer, opacity="0.85")
+    with page.expect_request(lambda request: "/gradcam" in request.url) as asked:
+        page.select_option("#target", "cat")
+    assert "target=cat" in asked.value.url
+    expect(page.locator(".result-card .legend").first).to_contain_text("cat")
+    assert_same_overlay(first, server, "airplane", layer=other_layer, target="cat", opacity="0.85")
+    assert len(gradcam_requests) == 3, gradcam_requests
 
 
 def test_misclassified_gallery_shows_n_items_with_gradcam(page: Page) -> None:
@@ -226,7 +246,7 @@ def test_misclassified_gallery_shows_n_items_with_gradcam(page: Page) -> None:
     expect(items.first.locator(".mistake-true")).to_contain_text(re.compile("|".join(CLASSES)))
     button = items.first.get_by_role("button", name="Show Grad-CAM")
     button.click()
-    expect(items.first.locator("img.overlay")).to_have_count(2)
+    expect(items.first.locator("canvas.overlay")).to_have_count(2)
     expect(items.first.get_by_role("button", name="Hide Grad-CAM")).to_have_attribute("aria-expanded", "true")
     shot(page, "04-misclassified")
 
@@ -254,6 +274,28 @@ def test_model_card_and_phone_layout(phone: Page, server: Server) -> None:
     expect(phone.locator(".result-card .bar-row")).to_have_count(3)
     phone.focus("#gradcam-on")
     phone.keyboard.press("Space")
-    expect(phone.locator(".result-card img.overlay")).to_have_count(1)
+    expect(phone.locator(".result-card canvas.overlay")).to_have_count(1)
     assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "page scrolls sideways"
     shot(phone, "06-phone")
+
+
+def test_model_card_draws_the_reliability_diagram(page: Page, server: Server) -> None:
+    calibration = httpx.get(f"{server.url}/health").json()["model"]["calibration"]
+    if calibration is None:  # the untrained test bundle carries no temperature
+        expect(page.locator("#calibration")).to_be_hidden()
+        return
+    served = calibration["test"]["flip"]
+    dots = {phase: [b for b in served[phase]["reliability"] if b["count"]] for phase in ("before", "after")}
+    expect(page.locator("#reliability-plot .rel-before circle")).to_have_count(len(dots["before"]))
+    expect(page.locator("#reliability-plot .rel-after circle")).to_have_count(len(dots["after"]))
+    expect(page.locator("#reliability-plot .rel-diagonal")).to_have_count(1)
+    expect(page.locator("#reliability-caption")).to_contain_text(f"ECE {100 * served['after']['ece']:.1f}%")
+    expect(page.locator("#calibration-head th")).to_have_count(1 + len(calibration["test"]))  # a column per mode
+    expect(page.locator("#calibration-body tr")).to_have_count(3)  # ECE, NLL, Brier
+    expect(page.locator("#calibration-summary")).to_contain_text(f"{calibration['temperature']:.3f}")
+    # Dots run left to right in bin order: confidence on the x axis.
+    xs = page.locator("#reliability-plot .rel-after circle").evaluate_all("cs => cs.map(c => +c.getAttribute('cx'))")
+    assert xs == sorted(xs) and len(set(xs)) == len(xs)
+    page.locator("#calibration").scroll_into_view_if_needed()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#model-card").screenshot(path=str(ARTIFACTS / "07-reliability.png"))

@@ -1,4 +1,5 @@
-"""``python -m training fit|test|export``: train, evaluate a checkpoint, write a serving bundle."""
+"""``python -m training fit|test|export|calibrate``: train, evaluate a checkpoint, write a serving bundle,
+fit a bundle's temperature."""
 
 from __future__ import annotations
 
@@ -37,7 +38,15 @@ def build_trainer(
     progress_bar: bool = True,
     keep_checkpoints: int = -1,
     ema_decay: float = 0.0,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
 ) -> L.Trainer:
+    """The fit trainer. ``accelerator``, ``devices``, ``num_nodes`` and ``strategy`` are Lightning's own;
+    with several processes each runs ``batch_size`` images a step (Lightning splits the batches among
+    them), so a step sees ``batch_size x devices x num_nodes`` images and an epoch has that many times
+    fewer steps, which the one-cycle schedule counts (``estimated_stepping_batches``)."""
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="epoch{epoch:03d}-val_acc{val_acc:.4f}",
@@ -54,8 +63,10 @@ def build_trainer(
     return L.Trainer(
         max_epochs=epochs,
         precision=precision,
-        accelerator="auto",
-        devices=1,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
         default_root_dir=run_dir,
         logger=CSVLogger(run_dir, name="logs"),
         callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")]
@@ -100,6 +111,10 @@ def cmd_fit(args: argparse.Namespace) -> None:
         fast_dev_run=args.fast_dev_run,
         keep_checkpoints=args.keep_checkpoints,
         ema_decay=args.ema_decay,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
     )
     resume = str(last) if last.is_file() and not args.fast_dev_run else None
     if resume:
@@ -133,6 +148,28 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"bundle written to {path}")
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from training.calibration import calibrate_bundle
+
+    record = calibrate_bundle(
+        Path(args.bundle), data_dir=args.data_dir, cache_dir=Path(args.cache_dir) if args.cache_dir else None
+    )
+    print(f"temperature {record['temperature']} fitted on {record['fitted_on']['images']} held-out images")
+    for mode, figures in record["test"].items():
+        before, after = figures["before"], figures["after"]
+        print(
+            f"test, TTA {mode}: ECE {before['ece']:.4f} -> {after['ece']:.4f}, NLL {before['nll']:.4f} -> "
+            f"{after['nll']:.4f}, Brier {before['brier']:.4f} -> {after['brier']:.4f}, "
+            f"accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}"
+        )
+    print(f"written to {Path(args.bundle) / 'model.json'}")
+
+
+def _devices(value: str) -> int | str:
+    """Lightning's ``devices``: a count (or -1 for all) as an int; "auto" and id lists ("0,2") as given."""
+    return int(value) if value.lstrip("-").isdecimal() else value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--precision", default=default_precision())
     fit.add_argument("--fast-dev-run", action="store_true", help="one batch of each loop, as a smoke test")
+    fit.add_argument("--accelerator", default="auto", help="Lightning's: auto, cpu, gpu, ...")
+    fit.add_argument("--devices", type=_devices, default=1, help="Lightning's: a count, -1 (all), auto, or ids '0,2'")
+    fit.add_argument("--num-nodes", type=int, default=1, help="machines, each running --devices processes")
+    fit.add_argument("--strategy", default="auto", help="Lightning's: auto, ddp, ddp_spawn, fsdp, ...")
     fit.set_defaults(func=cmd_fit)
 
     test = sub.add_parser("test", help="evaluate a checkpoint on the test set")
@@ -178,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--misclassified", type=int, default=40, help="test images the model got wrong to ship")
     data_args(export, required=False)
     export.set_defaults(func=cmd_export)
+
+    calibrate = sub.add_parser(
+        "calibrate", help="fit a bundle's temperature on its held-out images; rewrites model.json's calibration"
+    )
+    calibrate.add_argument("bundle", help="bundle directory, e.g. models/cifar10-resnet")
+    data_args(calibrate, required=False)
+    calibrate.set_defaults(func=cmd_calibrate)
     return parser
 
 

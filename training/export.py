@@ -17,6 +17,7 @@ from camcore.forward import Precision, ServedForward, in_batches
 from camcore.network import block_geometry
 from camcore.preprocess import CIFAR10_MEAN, CIFAR10_STD
 from training import data
+from training.calibration import calibration_record
 from training.module import CifarResNetModule
 
 
@@ -74,7 +75,8 @@ def export_bundle(
 
     test_views = view_logits(net, cifar.test.images)
     test_logits = test_views[0]
-    val_logits = view_logits(net, val.images)[0]
+    val_views = view_logits(net, val.images)
+    val_logits = val_views[0]
     agreement = {"fp32": 1.0}
     low: list[Precision] = ["bf16"] + (["fp16"] if torch.cuda.is_available() else [])
     for precision in low:
@@ -127,6 +129,14 @@ def export_bundle(
         },
         "torch_version": torch.__version__,
     }
+    if len(val):  # a run that held images out gets its temperature fitted on them (never on the test set)
+        metadata["calibration"] = calibration_record(
+            val_views,
+            val.labels,
+            test_views,
+            labels,
+            {"split": f"training images held out by train_val_split(seed={hp.seed}, val_size={hp.val_size})"},
+        )
 
     # Build beside the target and swap in, so a failed export never leaves half a bundle.
     out.parent.mkdir(parents=True, exist_ok=True)

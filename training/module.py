@@ -114,7 +114,7 @@ class CifarResNetModule(L.LightningModule):
         x, y = batch
         log_probs = self(x)
         metric(log_probs, y)
-        self.log(f"{stage}_loss", F.nll_loss(log_probs, y), prog_bar=True)
+        self.log(f"{stage}_loss", F.nll_loss(log_probs, y), prog_bar=True, sync_dist=True)  # mean over processes
         self.log(f"{stage}_acc", metric, prog_bar=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

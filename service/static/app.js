@@ -47,8 +47,9 @@
   const state = {
     health: null,
     classes: EXAMPLE_CLASSES.slice(),
-    defaultLayer: "layer2",
+    defaultLayer: null, // from /health (gradcam.default_layer): the bundle's, never a guess here
     layers: [],
+    colormap: null, // from /health (gradcam.colormap): the 256 RGB colours the server's PNGs use
     images: [], // {name, blob, url}
     predictions: null,
     gradcam: null,
@@ -163,6 +164,7 @@
     state.classes = model.classes;
     state.defaultLayer = health.gradcam.default_layer;
     state.layers = health.gradcam.layers;
+    state.colormap = health.gradcam.colormap;
     setStatus("ready", `Ready · ${health.device} · ${health.precision}`);
 
     $("model-name").textContent = `${model.name} · ${model.architecture}`;
@@ -198,6 +200,7 @@
       .filter((name) => name in perClass)
       .map((name) => barRow(name, perClass[name], false, `${name}: ${pct(perClass[name])} of its test images correct`));
     $("per-class").replaceChildren(...(rows.length ? rows : [el("li", { class: "field-help" }, "Not recorded in this bundle.")]));
+    renderCalibration(model.calibration, health.test_time_augmentation);
 
     $("layers-body").replaceChildren(
       ...state.layers.map((layer) =>
@@ -224,11 +227,158 @@
     );
     layerSelect.value = state.defaultLayer;
     updateLayerHelp();
+    renderOverlays(); // an answer that came before the colour map can be painted now
 
     const targetSelect = $("target");
     targetSelect.replaceChildren(
       el("option", { value: "" }, "Predicted class"),
       ...state.classes.map((name) => el("option", { value: name }, name)),
+    );
+  }
+
+  // ---------------------------------------------------------------- calibration (model card)
+
+  const SVG_NS = "http://www.w3.org/2000/svg";
+
+  function svgEl(tag, attrs, ...children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
+    for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    return node;
+  }
+
+  /** Temperature, its test-set effect per TTA mode, and the served mode's reliability diagram. */
+  function renderCalibration(calibration, servedMode) {
+    const section = $("calibration");
+    section.hidden = !calibration;
+    if (!calibration) return;
+    const T = calibration.temperature;
+    const images = calibration.fitted_on_images;
+    const fitted = images ? `, fitted on ${images.toLocaleString("en-US")} held-out training images` : "";
+    const modes = Object.keys(calibration.test || {}).sort((a, b) => (b === servedMode) - (a === servedMode));
+    const served = (calibration.test || {})[servedMode] || (calibration.test || {})[modes[0]];
+    let summary = `Probabilities are temperature-scaled: logits ÷ ${T.toFixed(3)} before the softmax${fitted}.`;
+    if (served) {
+      summary +=
+        ` On the test set, answers said to be ${pct(served.after.mean_confidence, 0)} sure on average were right` +
+        ` ${pct(served.after.accuracy, 0)} of the time (before: ${pct(served.before.mean_confidence, 0)} said, ` +
+        `${pct(served.before.accuracy, 0)} right).`;
+    }
+    $("calibration-summary").textContent = summary;
+
+    const figure = section.querySelector(".reliability");
+    figure.hidden = !served;
+    section.querySelector(".table-wrap").hidden = !modes.length;
+    if (served) {
+      $("reliability-plot").replaceChildren(reliabilityDiagram(served.before, served.after, T));
+      $("reliability-caption").replaceChildren(
+        "Reliability on the test set, ",
+        servedMode in calibration.test ? `${servedMode} TTA (served). ` : `${modes[0]} TTA. `,
+        el("span", { class: "swatch swatch-before", "aria-hidden": "true" }),
+        ` before (T = 1): ECE ${pct(served.before.ece)}; `,
+        el("span", { class: "swatch swatch-after", "aria-hidden": "true" }),
+        ` after (T = ${T.toFixed(2)}): ECE ${pct(served.after.ece)}. ` +
+          `Dots: confidence bins (${served.after.reliability.length}, area by image count); ` +
+          "on the dashed diagonal, confidence equals accuracy.",
+      );
+    }
+    // One row per metric, one column per TTA mode (the served one first): fits the card's width.
+    const fixed3 = (v) => v.toFixed(3);
+    const metrics = [
+      ["ECE", "ece", (v) => pct(v)],
+      ["NLL", "nll", fixed3],
+      ["Brier", "brier", fixed3],
+    ];
+    $("calibration-head").replaceChildren(
+      el(
+        "tr",
+        {},
+        el("th", { scope: "col" }, "Test set"),
+        ...modes.map((mode) =>
+          el("th", { scope: "col" }, `${mode} TTA`, mode === servedMode ? el("span", { class: "badge" }, "served") : null),
+        ),
+      ),
+    );
+    $("calibration-body").replaceChildren(
+      ...metrics.map(([name, key, format]) =>
+        el(
+          "tr",
+          {},
+          el("th", { scope: "row" }, name),
+          ...modes.map((mode) => {
+            const { before, after } = calibration.test[mode];
+            return el("td", { title: "before (T = 1) → after" }, `${format(before[key])} → ${format(after[key])}`);
+          }),
+        ),
+      ),
+    );
+  }
+
+  /** Confidence (x) against accuracy (y) per bin, before and after the temperature, over the diagonal. */
+  function reliabilityDiagram(before, after, temperature) {
+    const size = 260;
+    const pad = { left: 36, right: 10, top: 10, bottom: 34 };
+    const w = size - pad.left - pad.right;
+    const h = size - pad.top - pad.bottom;
+    const x = (v) => (pad.left + v * w).toFixed(1);
+    const y = (v) => (pad.top + (1 - v) * h).toFixed(1);
+    const counts = [...before.reliability, ...after.reliability].map((b) => b.count);
+    const maxCount = Math.max(1, ...counts);
+    const ticks = [0, 0.25, 0.5, 0.75, 1];
+
+    const axes = svgEl(
+      "g",
+      { class: "rel-axes" },
+      ...ticks.flatMap((t) => [
+        svgEl("line", { class: "rel-grid", x1: x(t), x2: x(t), y1: y(0), y2: y(1) }),
+        svgEl("line", { class: "rel-grid", x1: x(0), x2: x(1), y1: y(t), y2: y(t) }),
+        svgEl("text", { class: "rel-tick", x: x(t), y: Number(y(0)) + 12, "text-anchor": "middle" }, `${t * 100}`),
+        svgEl("text", { class: "rel-tick", x: pad.left - 4, y: Number(y(t)) + 3, "text-anchor": "end" }, `${t * 100}`),
+      ]),
+      svgEl("text", { class: "rel-axis-title", x: x(0.5), y: size - 4, "text-anchor": "middle" }, "confidence (%)"),
+      svgEl(
+        "text",
+        { class: "rel-axis-title", x: 10, y: y(0.5), "text-anchor": "middle", transform: `rotate(-90 10 ${y(0.5)})` },
+        "accuracy (%)",
+      ),
+      svgEl("line", { class: "rel-diagonal", x1: x(0), y1: y(0), x2: x(1), y2: y(1) }),
+    );
+
+    const series = (report, name, label) => {
+      const bins = report.reliability.filter((b) => b.count > 0);
+      return svgEl(
+        "g",
+        { class: `rel-series rel-${name}` },
+        svgEl("polyline", { points: bins.map((b) => `${x(b.confidence)},${y(b.accuracy)}`).join(" ") }),
+        ...bins.map((b) =>
+          svgEl(
+            "circle",
+            { cx: x(b.confidence), cy: y(b.accuracy), r: (1.5 + 4.5 * Math.sqrt(b.count / maxCount)).toFixed(2) },
+            svgEl(
+              "title",
+              {},
+              `${label}: ${b.count} images with confidence ${pct(b.lower, 0)}–${pct(b.upper, 0)}, ` +
+                `on average ${pct(b.confidence)} sure, ${pct(b.accuracy)} right`,
+            ),
+          ),
+        ),
+      );
+    };
+
+    return svgEl(
+      "svg",
+      {
+        viewBox: `0 0 ${size} ${size}`,
+        role: "img",
+        "aria-label":
+          `Reliability diagram: test-set accuracy against confidence per bin. Before calibration the ` +
+          `confidence averages ${pct(before.mean_confidence)} at ${pct(before.accuracy)} accuracy (ECE ` +
+          `${pct(before.ece)}); after T = ${temperature.toFixed(2)} it averages ${pct(after.mean_confidence)} ` +
+          `(ECE ${pct(after.ece)}).`,
+      },
+      axes,
+      series(before, "before", "before"),
+      series(after, "after", "after"),
     );
   }
 
@@ -346,8 +496,11 @@
     }
   }
 
+  // The overlay is composited here from the heatmap, so the slider needs no request. Opacity 0 makes the
+  // answer's overlay_png the 32×32 image exactly as the model saw it (decoded, turned upright, resized
+  // the server's way): the picture the heatmap is blended over.
   function gradcamQuery() {
-    const params = new URLSearchParams({ opacity: $("opacity").value, format: "json" });
+    const params = new URLSearchParams({ opacity: "0", format: "json" });
     if ($("layer").value) params.set("layer", $("layer").value);
     if ($("target").value) params.set("target", $("target").value);
     return params.toString();
@@ -366,6 +519,7 @@
         body: formData(),
         signal: abort.signal,
       });
+      await Promise.all(body.results.map(withPixels));
       if (seq !== state.gradcamSeq) return;
       state.gradcam = body.results;
       state.gradcamError = false;
@@ -382,10 +536,67 @@
     }
   }
 
-  let opacityTimer = null;
-  function scheduleGradcam(delay) {
-    clearTimeout(opacityTimer);
-    opacityTimer = setTimeout(runGradcam, delay);
+  // ---------------------------------------------------------------- the overlay, composited here
+
+  /** numpy's rint: halves go to the even neighbour, as service/render.py rounds. */
+  function rint(x) {
+    const r = Math.round(x);
+    return x - Math.floor(x) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+  }
+
+  /** Adds `pixels` (RGBA bytes) to a /gradcam row: its overlay_png, asked for at opacity 0, decoded. */
+  async function withPixels(row) {
+    const image = new Image();
+    image.src = `data:image/png;base64,${row.overlay_png}`;
+    await image.decode();
+    const canvas = document.createElement("canvas");
+    canvas.width = image.naturalWidth;
+    canvas.height = image.naturalHeight;
+    const context = canvas.getContext("2d", { willReadFrequently: true });
+    context.drawImage(image, 0, 0);
+    row.pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    return row;
+  }
+
+  const overlayRows = new WeakMap(); // canvas -> the /gradcam row it shows
+
+  /** Paints service/render.py's overlay: (1 - a) * image + a * colormap[rint(255 * heat)], rounded. */
+  function paintOverlay(canvas, row, opacity) {
+    const heatmap = row.heatmap;
+    const height = heatmap.length;
+    const width = heatmap[0].length;
+    canvas.width = width;
+    canvas.height = height;
+    const context = canvas.getContext("2d");
+    const out = context.createImageData(width, height);
+    for (let y = 0; y < height; y++) {
+      for (let x = 0; x < width; x++) {
+        const i = 4 * (y * width + x);
+        const colour = state.colormap[Math.min(255, Math.max(0, rint(heatmap[y][x] * 255)))];
+        for (let c = 0; c < 3; c++) {
+          out.data[i + c] = rint((1 - opacity) * row.pixels[i + c] + opacity * colour[c]);
+        }
+        out.data[i + 3] = 255;
+      }
+    }
+    context.putImageData(out, 0, 0);
+    canvas.dataset.opacity = String(opacity);
+    overlayRows.set(canvas, row);
+  }
+
+  function overlayCanvas(row, attrs) {
+    const canvas = el("canvas", { class: "pixelated overlay", role: "img", ...attrs });
+    paintOverlay(canvas, row, Number($("opacity").value));
+    return canvas;
+  }
+
+  /** The opacity slider: every overlay on the page is painted again, here, with no request. */
+  function repaintOverlays() {
+    const opacity = Number($("opacity").value);
+    for (const canvas of document.querySelectorAll("canvas.overlay")) {
+      const row = overlayRows.get(canvas);
+      if (row) paintOverlay(canvas, row, opacity);
+    }
   }
 
   // ---------------------------------------------------------------- rendering results
@@ -461,14 +672,12 @@
   function overlayFigure(index) {
     if (!gradcamOn()) return null;
     const row = Array.isArray(state.gradcam) ? state.gradcam[index] : null;
-    if (row) {
+    if (row && state.colormap) {
       return el(
         "figure",
         {},
-        el("img", {
-          class: "pixelated overlay",
-          src: `data:image/png;base64,${row.overlay_png}`,
-          alt: `Grad-CAM overlay for ${state.images[index].name}: where ${row.layer} found evidence for “${row.target}”`,
+        overlayCanvas(row, {
+          "aria-label": `Grad-CAM overlay for ${state.images[index].name}: where ${row.layer} found evidence for “${row.target}”`,
         }),
         el(
           "figcaption",
@@ -582,10 +791,12 @@
       try {
         const blob = base64ToBlob(item.image_png, "image/png");
         const explain = async (target) => {
-          const params = new URLSearchParams({ opacity: $("opacity").value, layer: $("layer").value || state.defaultLayer, target });
+          const params = new URLSearchParams({ opacity: "0", target }); // opacity 0: see gradcamQuery
+          const layer = $("layer").value || state.defaultLayer;
+          if (layer) params.set("layer", layer);
           const form = new FormData();
           form.append("files", blob, `test-${item.test_index}.png`);
-          return (await apiJson(`gradcam?${params}`, { method: "POST", body: form })).results[0];
+          return withPixels((await apiJson(`gradcam?${params}`, { method: "POST", body: form })).results[0]);
         };
         const [why, truth] = await Promise.all([explain(item.predicted_label), explain(item.true_label)]);
         overlays.replaceChildren(
@@ -624,11 +835,7 @@
     return el(
       "figure",
       { class: "mistake-overlay" },
-      el("img", {
-        class: "pixelated overlay",
-        src: `data:image/png;base64,${row.overlay_png}`,
-        alt: `Grad-CAM overlay at ${row.layer}: ${caption}`,
-      }),
+      overlayCanvas(row, { "aria-label": `Grad-CAM overlay at ${row.layer}: ${caption}` }),
       el("figcaption", {}, caption),
     );
   }
@@ -691,7 +898,7 @@
     $("target").addEventListener("change", runGradcam);
     $("opacity").addEventListener("input", () => {
       $("opacity-value").textContent = `${Math.round(Number($("opacity").value) * 100)}%`;
-      scheduleGradcam(120);
+      repaintOverlays();
     });
 
     $("gallery-form").addEventListener("submit", showGallery);

@@ -1,0 +1,211 @@
+"""Hot reload: a new bundle swapped in under load without a failed request; a bad one refused."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import os
+import shutil
+import signal
+import time
+import weakref
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from harness import camserve
+from helpers import encode, make_bundle, random_image
+
+from camcore.bundle import WEIGHTS_FILE
+from service.app import create_app
+from service.reload import Pinned, pinned_batch
+from service.settings import Settings
+
+MODEL = "test-bundle"
+PNG = encode(random_image(5))
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Two valid bundles with different weights, and a copy of the second with its weights corrupted."""
+    root = tmp_path_factory.mktemp("reload")
+    first = make_bundle(root / "a" / MODEL, seed=0)
+    second = make_bundle(root / "b" / MODEL, seed=1)
+    corrupt = root / "corrupt" / MODEL
+    shutil.copytree(second, corrupt)
+    weights = bytearray((corrupt / WEIGHTS_FILE).read_bytes())
+    weights[-1] ^= 0xFF
+    (corrupt / WEIGHTS_FILE).write_bytes(bytes(weights))
+    return SimpleNamespace(first=first, second=second, corrupt=corrupt)
+
+
+def point(link: Path, target: Path) -> None:
+    """Repoint the served directory at once, as a deployment would (a symlink swapped by rename)."""
+    staged = link.with_name(link.name + ".new")
+    staged.unlink(missing_ok=True)
+    staged.symlink_to(target, target_is_directory=True)
+    os.replace(staged, link)
+
+
+@pytest.fixture
+async def served(bundles: SimpleNamespace, tmp_path: Path):
+    link = tmp_path / "current"
+    point(link, bundles.first)
+    settings = Settings(model_dir=link, precision="fp32", max_batch_size=4, queue_size=256, log_requests=False)
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://camserve", timeout=60) as client,
+    ):
+        yield SimpleNamespace(app=app, client=client, link=link)
+
+
+async def version_of(client: httpx.AsyncClient) -> str:
+    return (await client.get("/health")).json()["model"]["version"]
+
+
+async def test_reload_under_load_fails_no_request_and_versions_name_the_weights(served, bundles):
+    client = served.client
+    first = await version_of(client)
+    answers: list[tuple[float, float, int, str, tuple[float, ...]]] = []  # started, ended, status, version, probs
+    stop = asyncio.Event()
+
+    async def stream(kind: str) -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            if kind == "predict":
+                response = await client.post("/predict", params={"top_k": 10}, files=[("files", ("a.png", PNG))])
+                body = response.json()
+                top = body.get("predictions", [{}])[0].get("top_k", [])
+                probabilities = tuple(p["probability"] for p in sorted(top, key=lambda e: e["index"]))
+            else:
+                inputs = [
+                    {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(PNG).decode()]}
+                ]
+                response = await client.post(f"/v2/models/{MODEL}/infer", json={"inputs": inputs})
+                body = response.json()
+                probabilities = tuple(body.get("outputs", [{}])[0].get("data", []))
+            answers.append(
+                (started, time.perf_counter(), response.status_code, body.get("model_version"), probabilities)
+            )
+
+    workers = [asyncio.create_task(stream("predict" if i % 2 else "oip")) for i in range(6)]
+    while sum(a[3] == first for a in answers) < 20:
+        await asyncio.sleep(0.01)
+    point(served.link, bundles.second)
+    load_sent = time.perf_counter()
+    loaded = await client.post(f"/v2/repository/models/{MODEL}/load")
+    load_done = time.perf_counter()
+    assert loaded.status_code == 200, loaded.text
+    second = loaded.json()["version"]
+    assert second != first and loaded.json()["previous_version"] == first
+    while sum(a[0] > load_done for a in answers) < 20:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.gather(*workers)
+
+    assert [a for a in answers if a[2] != 200] == []  # not one request failed
+    versions = {a[3] for a in answers}
+    assert versions == {first, second}
+    assert all(a[3] == first for a in answers if a[1] < load_sent)  # answered before the reload began
+    assert all(a[3] == second for a in answers if a[0] > load_done)  # asked after it finished
+    assert sum(load_sent < a[1] and a[0] < load_done for a in answers) > 0  # some were in flight meanwhile
+    # Every answer's probabilities are those of the weights its model_version names.
+    for version in (first, second):
+        rows = np.array([a[4] for a in answers if a[3] == version])
+        np.testing.assert_allclose(rows, np.broadcast_to(rows[0], rows.shape), rtol=0, atol=1e-6)
+    by_version = {a[3]: np.array(a[4]) for a in answers}
+    assert np.abs(by_version[first] - by_version[second]).max() > 1e-3
+    assert await version_of(client) == second
+    index = (await client.post("/v2/repository/index")).json()
+    assert index == [{"name": MODEL, "version": second, "state": "READY", "reason": ""}]
+
+
+async def test_a_corrupt_bundle_is_refused_and_the_old_one_keeps_serving(served, bundles, tmp_path):
+    client = served.client
+    first = await version_of(client)
+    point(served.link, bundles.corrupt)
+    refused = await client.post(f"/v2/repository/models/{MODEL}/load")
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert "sha256" in error and f"still serving {first}" in error
+    not_a_bundle = tmp_path / "empty"
+    not_a_bundle.mkdir()
+    point(served.link, not_a_bundle)
+    refused = await client.post(f"/v2/repository/models/{MODEL}/load")
+    assert refused.status_code == 400 and "model.json: missing" in refused.json()["error"]
+    assert await version_of(client) == first
+    answer = await client.post("/predict", files=[("files", ("a.png", PNG))])
+    assert answer.status_code == 200 and answer.json()["model_version"] == first
+    unknown = await client.post("/v2/repository/models/resnet50/load")
+    assert unknown.status_code == 404 and "unknown model" in unknown.json()["error"]
+    with_parameters = await client.post(f"/v2/repository/models/{MODEL}/load", json={"parameters": {"config": "{}"}})
+    assert with_parameters.status_code == 400 and "no parameters" in with_parameters.json()["error"]
+
+
+def test_a_batch_straddling_a_swap_runs_each_image_on_its_own_engine():
+    """The batchers' run_batch: one call per engine in the batch, rows back in the batch's order."""
+
+    class Engine:
+        def __init__(self, offset: float) -> None:
+            self.offset, self.calls = offset, []
+
+        def predict(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+            self.calls.append(len(images))
+            return [image + self.offset for image in images]
+
+    old, new = Engine(0.0), Engine(100.0)
+    run = pinned_batch("predict")
+    items = [Pinned(old, torch.tensor(0.0)), Pinned(new, torch.tensor(1.0)), Pinned(old, torch.tensor(2.0))]
+    assert [float(row) for row in run(items)] == [0.0, 101.0, 2.0]
+    assert old.calls == [2] and new.calls == [1]
+    assert [float(row) for row in run([Pinned(new, torch.tensor(3.0))] * 2)] == [103.0, 103.0]
+    assert new.calls == [1, 2]
+
+
+def test_sighup_and_tritonclient_load_reload_a_real_server(bundles, tmp_path):
+    tritonclient_http = pytest.importorskip("tritonclient.http")
+    from tritonclient.utils import InferenceServerException
+
+    link = tmp_path / "current"
+    point(link, bundles.first)
+    key = {"X-API-Key": "sesame"}
+    with camserve(link, tmp_path / "server.log", precision="fp32", max_batch_size="4", api_key="sesame") as running:
+        base, process = running.base_url, running.process
+        first = httpx.get(f"{base}/health").json()["model"]["version"]
+        client = tritonclient_http.InferenceServerClient(base.removeprefix("http://"))
+        try:
+            with pytest.raises(InferenceServerException, match="API key"):
+                client.load_model(MODEL)  # the repository extension sits behind the API key
+            point(link, bundles.second)
+            process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            while (version := httpx.get(f"{base}/health").json()["model"]["version"]) == first:
+                assert time.monotonic() < deadline, "SIGHUP did not reload the bundle"
+                time.sleep(0.1)
+            assert process.poll() is None  # SIGHUP reloads; it no longer ends the process
+            point(link, bundles.first)
+            client.load_model(MODEL, headers=key)
+            assert client.get_model_repository_index(headers=key)[0]["version"] == first != version
+            point(link, bundles.corrupt)
+            process.send_signal(signal.SIGHUP)  # refused: logged, and the server keeps serving the first
+            with pytest.raises(InferenceServerException, match="sha256"):
+                client.load_model(MODEL, headers=key)
+            answer = httpx.post(f"{base}/predict", headers=key, files=[("files", ("a.png", PNG))])
+            assert answer.status_code == 200 and answer.json()["model_version"] == first
+        finally:
+            client.close()
+    assert "SIGHUP reload refused" in (tmp_path / "server.log").read_text()
+
+
+async def test_a_replaced_engine_is_freed(served, bundles):
+    """Nothing keeps the old engine (its model, traced module and cast weights) once it has no requests."""
+    first = weakref.ref(served.app.state.camserve.engine)
+    point(served.link, bundles.second)
+    assert (await served.client.post(f"/v2/repository/models/{MODEL}/load")).status_code == 200
+    gc.collect()
+    assert first() is None
