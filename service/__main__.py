@@ -14,6 +14,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from service.protocol import uvicorn_bounds
 from service.settings import Settings
 
 
@@ -37,6 +38,7 @@ def uvicorn_config(settings: Settings, app: object, **options: object) -> uvicor
         log_level=settings.log_level,
         access_log=False,  # one JSON line per request comes from RequestContext instead
         timeout_graceful_shutdown=settings.request_timeout_s,
+        **uvicorn_bounds(settings),  # header limits, connection deadlines and cap (service/protocol.py)
         **options,
     )
 

@@ -20,10 +20,11 @@ from starlette.requests import ClientDisconnect
 from camcore.bundle import Bundle, load_bundle
 from service.batcher import DynamicBatcher, ModelThreads
 from service.cpus import available_cpus
+from service.decoding import DecodeBusy, DecodeLimits, Decoder
 from service.engine import resolve_device
 from service.images import ImageRejected
 from service.metrics import ServiceMetrics
-from service.middleware import BodyLimit, BodyTimeout, BodyTooLarge, RequestContext
+from service.middleware import BodyLimit, BodyTimeout, BodyTooLarge, RelativeRedirects, RequestContext
 from service.oip import install_oip
 from service.reload import build_engine, install, pinned_batch, reload_model
 from service.routes import router
@@ -53,6 +54,18 @@ def parallelism(settings: Settings, device: torch.device, cpus: int | None = Non
     if threads is None and device.type == "cpu":
         threads = max(1, cores // lanes)
     return lanes, threads
+
+
+def decoder(settings: Settings) -> Decoder:
+    """This process's decode threads and budget (each worker process has its own)."""
+    limits = DecodeLimits(
+        max_pixels=settings.max_image_pixels,
+        max_frames=settings.max_image_frames,
+        max_image_bytes=int(settings.max_image_decode_mb * 2**20),
+        max_request_bytes=int(settings.max_request_decode_mb * 2**20),
+        wait_s=settings.decode_wait_s,
+    )
+    return Decoder(limits, threads=settings.decode_threads, budget_bytes=int(settings.decode_budget_mb * 2**20))
 
 
 def _reload_on_sighup(state: ServiceState) -> Callable[[], None]:
@@ -113,6 +126,8 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
         for name, batcher in (("/predict", state.predict_batcher), ("/gradcam", state.gradcam_batcher)):
             state.metrics.track_queue_depth(name, lambda b=batcher: b.depth)
             batcher.start()
+        state.decoder = decoder(settings)
+        state.metrics.track_decode_memory(lambda: state.decoder.budget.in_use)
         install(state, bundle, engine)
         state.lanes, state.torch_threads = lanes, torch.get_num_threads()
         # Everything loaded so far (torch, the app, the model) lives as long as the process: moved out
@@ -145,6 +160,7 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
             await state.predict_batcher.stop(settings.request_timeout_s)
             await state.gradcam_batcher.stop(settings.request_timeout_s)
             executor.shutdown(wait=True)
+            state.decoder.shutdown()
             gc.unfreeze()  # an app torn down in a longer-lived process (tests) can be collected again
             log.info("stopped")
 
@@ -156,6 +172,14 @@ def _error_handlers(app: FastAPI) -> None:
     async def image_rejected(request: Request, exc: ImageRejected) -> JSONResponse:
         app.state.camserve.metrics.rejections.labels(f"image_{exc.status_code}").inc()
         return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+
+    @app.exception_handler(DecodeBusy)
+    async def decode_busy(request: Request, exc: DecodeBusy) -> JSONResponse:
+        state: ServiceState = app.state.camserve
+        state.metrics.rejections.labels("decode_busy").inc()
+        return JSONResponse(
+            {"detail": str(exc)}, status_code=503, headers={"Retry-After": str(state.settings.retry_after_s)}
+        )
 
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
@@ -211,5 +235,6 @@ def create_app(
             allow_headers=["Authorization", "X-API-Key", "X-Request-ID"],
         )
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(RelativeRedirects)
     app.add_middleware(RequestContext, metrics=metrics, log_requests=settings.log_requests)
     return app

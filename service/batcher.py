@@ -160,6 +160,15 @@ class DynamicBatcher(Generic[Payload, Result]):
     def depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def free(self) -> int:
+        """Images the queue can take now: a request finding none is refused before its body is read."""
+        return self.queue_size - len(self._queue)
+
     # -- submitting ------------------------------------------------------------------------------
     async def submit(self, payloads: Sequence[Payload], timeout_s: float) -> list[Result]:
         """Queue all images of one request (all or none) and wait for their rows, in order."""

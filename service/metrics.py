@@ -27,6 +27,7 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self._depth_functions: dict[str, Callable[[], int]] = {}
+        self._decode_memory_function: Callable[[], float] | None = None
         self.requests = Counter("camserve_requests", "HTTP requests", ["endpoint", "method", "status"], registry=r)
         self.latency = Histogram(
             "camserve_request_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
@@ -52,6 +53,12 @@ class ServiceMetrics:
         self.queue_depth = Gauge(
             "camserve_queue_depth", "Images waiting", ["endpoint"], registry=r, multiprocess_mode="livesum"
         )
+        self.decode_memory = Gauge(
+            "camserve_decode_memory_bytes",
+            "Expected peak memory of the decodes running now",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.model = Info("camserve_model", "The model being served", registry=r)
         # What /metrics exposes: this registry, or every worker's files plus this worker's Info.
         self.exposed = r
@@ -68,10 +75,19 @@ class ServiceMetrics:
         else:
             self.queue_depth.labels(endpoint).set_function(depth)
 
+    def track_decode_memory(self, in_use: Callable[[], float]) -> None:
+        if self.multiprocess:  # as for the queue depth: pushed before each scrape
+            self._decode_memory_function = in_use
+            self.decode_memory.set(in_use())
+        else:
+            self.decode_memory.set_function(in_use)
+
     def refresh(self) -> None:
-        """Before a scrape: this worker's queue depths as of now."""
+        """Before a scrape: this worker's queue depths and decode memory as of now."""
         for endpoint, depth in self._depth_functions.items():
             self.queue_depth.labels(endpoint).set(depth())
+        if self._decode_memory_function is not None:
+            self.decode_memory.set(self._decode_memory_function())
 
     def batch_observer(self, endpoint: str):
         def observe(stats: BatchStats) -> None:

@@ -4,6 +4,9 @@
   counts it in Prometheus and writes one JSON log line per request.
 * :class:`BodyLimit`: refuses bodies over the limit from ``Content-Length`` before reading a byte,
   caps streamed (chunked) bodies while they arrive, and gives a slow sender a deadline.
+* :class:`RelativeRedirects`: a redirect's ``Location`` carries no host. Starlette builds it absolute
+  from the request's ``Host`` header (``GET /static`` -> ``http://<Host>/static/``), which reflects
+  whatever a client sent; a relative one means the same to every browser and reflects nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -117,6 +121,38 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class RelativeRedirects:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_relative(message: Message) -> None:
+            if message["type"] == "http.response.start" and 300 <= message["status"] < 400:
+                message["headers"] = [
+                    (key, _relative(value) if key.lower() == b"location" else value)
+                    for key, value in message.get("headers", ())
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_relative)
+
+
+def _relative(location: bytes) -> bytes:
+    """This app redirects only within itself: keep the path, query and fragment, drop scheme and host.
+
+    Leading slashes (and backslashes, which browsers read as slashes) collapse to one:
+    ``//evil.example/`` would be a link to another host."""
+    parts = urlsplit(location.decode("latin-1"))
+    if not parts.scheme and not parts.netloc and not parts.path.startswith(("//", "/\\")):
+        return location
+    path = "/" + parts.path.lstrip("/\\")
+    return urlunsplit(("", "", path, parts.query, parts.fragment)).encode("latin-1")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -54,7 +54,6 @@ from service.oip_wire import (
 from service.reload import pin, reload_model
 from service.routes import _run, get_state, require_api_key
 from service.state import ServiceState
-from service.uploads import decode_uploads
 
 PREFIX = "/v2"
 SIZE = 32  # the network's input side
@@ -170,7 +169,7 @@ async def _decode_image_input(tensor: RequestInput, state: ServiceState) -> list
     if len(elements) != count:
         raise WireError(f"input 'image': shape [{count}] but {len(elements)} elements")
     files = [(f"image[{i}]", data) for i, data in enumerate(elements)]
-    return await decode_uploads(files, max_pixels=settings.max_image_pixels, max_frames=settings.max_image_frames)
+    return await state.decoder.decode(files)  # priced, budgeted and decoded off the loop (service.decoding)
 
 
 def _pixel_input(tensor: RequestInput, max_images: int) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, Security
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -27,7 +28,7 @@ from service.schemas import (
     ValidationErrorResponse,
 )
 from service.state import ServiceState
-from service.uploads import decode_uploads, read_uploads
+from service.uploads import read_uploads
 from service.web import STATIC_DIR
 
 router = APIRouter()
@@ -38,10 +39,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         400: "not an image, or a corrupt one",
         401: "missing or wrong API key (when one is configured)",
         408: "request body arrived too slowly",
-        413: "body, file count or pixel count over the limit",
+        413: "body, file count, pixels, frames or decoded size over the limit",
         415: "unsupported image type, or not multipart/form-data",
         422: "bad parameters",
-        503: "queue full or service draining; retry after Retry-After seconds",
+        503: "queue full, decode budget busy or service draining; retry after Retry-After seconds",
         504: "waited longer than the request timeout",
     }.items()
 }
@@ -89,6 +90,28 @@ async def require_api_key(
 Authorized = Depends(require_api_key)
 
 
+def _admission(kind: Literal["predict", "gradcam"]):
+    """A dependency that refuses with 503 while the endpoint's queue is full or the service drains.
+
+    It runs before the handler reads the body, so an overloaded service answers at once, instead of
+    after receiving and decoding an upload it would refuse anyway. (A request admitted here can still
+    find the queue full after decoding; ``_run`` refuses it then.)
+    """
+
+    async def admit(state: State) -> None:
+        batcher: DynamicBatcher = getattr(state, f"{kind}_batcher")
+        retry = {"Retry-After": str(state.settings.retry_after_s)}
+        if state.draining or not batcher.accepting:
+            state.metrics.rejections.labels("shutting_down").inc()
+            raise HTTPException(503, "service is shutting down", headers=retry)
+        if batcher.free <= 0:
+            state.metrics.rejections.labels("queue_full").inc()
+            detail = f"{kind} queue is full ({batcher.depth} of {batcher.queue_size} images)"
+            raise HTTPException(503, detail, headers=retry)
+
+    return Depends(admit)
+
+
 async def _run(state: ServiceState, batcher: DynamicBatcher, payloads: list) -> list:
     """Submit to a batcher, turning its refusals into HTTP answers."""
     settings = state.settings
@@ -114,7 +137,7 @@ async def _images(request: Request, state: ServiceState) -> tuple[list[str], lis
         files = await read_raw_image(request)
     else:
         files = await read_uploads(request, max_files=settings.max_files, max_bytes=settings.max_upload_bytes)
-    images = await decode_uploads(files, max_pixels=settings.max_image_pixels, max_frames=settings.max_image_frames)
+    images = await state.decoder.decode(files)
     request.state.images = len(images)
     return [name for name, _ in files], images
 
@@ -124,7 +147,7 @@ async def _images(request: Request, state: ServiceState) -> tuple[list[str], lis
     response_model=PredictResponse,
     responses=ERRORS,
     openapi_extra=REQUEST_BODY_OPENAPI,
-    dependencies=[Authorized],
+    dependencies=[Authorized, _admission("predict")],
     summary="Top-k classes for one or more images",
 )
 async def predict(
@@ -176,7 +199,7 @@ def _resolve_target(target: str | None, classes: list[str]) -> int | None:
     response_model=GradcamResponse,
     responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or a PNG with format=png"}},
     openapi_extra=REQUEST_BODY_OPENAPI,
-    dependencies=[Authorized],
+    dependencies=[Authorized, _admission("gradcam")],
     summary="Grad-CAM heatmaps and overlays for one or more images",
 )
 async def gradcam(
@@ -350,3 +373,22 @@ async def metrics(request: Request) -> Response:
 @router.get("/", include_in_schema=False)
 async def index() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html")
+
+
+def _answer_head_where_get() -> None:
+    """HEAD on every GET endpoint, by the same handler (the server sends the headers without the body),
+    as Starlette's plain routes do; FastAPI's answer 405. Kept out of the OpenAPI schema."""
+    for route in list(router.routes):
+        if isinstance(route, APIRoute) and "GET" in route.methods and "HEAD" not in route.methods:
+            router.add_api_route(
+                route.path,
+                route.endpoint,
+                methods=["HEAD"],
+                response_model=route.response_model,
+                response_class=route.response_class,
+                dependencies=route.dependencies,
+                include_in_schema=False,
+            )
+
+
+_answer_head_where_get()

@@ -61,6 +61,24 @@ class Settings(BaseSettings):
     max_image_frames: int = Field(
         DEFAULT_MAX_IMAGE_FRAMES, ge=1, description="frames per animated image, checked before decoding"
     )
+    max_image_decode_mb: float = Field(
+        48,
+        gt=0,
+        description="per image: width x height x bands x bytes per sample to be decoded (after a "
+        "JPEG's reduced-scale draft), MiB, checked before decoding",
+    )
+    max_request_decode_mb: float = Field(256, gt=0, description="the same, summed over a request's images, MiB")
+    decode_budget_mb: float = Field(
+        1024, gt=0, description="peak memory of all decodes running at once in this process, MiB"
+    )
+    decode_wait_s: float = Field(2.0, ge=0, description="longest wait for room in the decode budget, then 503")
+    decode_threads: int = Field(4, ge=1, le=64, description="decode threads per process")
+
+    max_header_bytes: int = Field(16384, ge=1024, description="request line and headers; 431 beyond")
+    max_headers: int = Field(100, ge=8, description="request headers; 431 beyond")
+    header_timeout_s: float = Field(10.0, gt=0, description="from a request's first byte to the end of its headers")
+    idle_timeout_s: float = Field(15.0, gt=0, description="a connection without a request in progress is closed")
+    max_connections: int = Field(1000, ge=1, description="open connections (or requests) before 503s")
 
     api_key: SecretStr | None = Field(None, description="when set, the API needs it (X-API-Key or Bearer)")
     cors_origins: list[str] = []

@@ -11,6 +11,7 @@ import torch
 
 from camcore.bundle import Bundle
 from service.batcher import DynamicBatcher
+from service.decoding import Decoder
 from service.engine import GradcamRow, InferenceEngine
 from service.metrics import ServiceMetrics
 from service.null_engine import NullEngine
@@ -32,6 +33,7 @@ class ServiceState:
     executor: Executor | None = None  # the model threads: batches, and reloads' build and warm-up
     device: torch.device | None = None
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reload at a time
+    decoder: Decoder | None = None  # decode threads and this process's decode memory budget
     misclassified: list[dict] = field(default_factory=list)
     layers: list[dict] = field(default_factory=list)  # Grad-CAM targets and their geometry, for /health
     lanes: int = 1  # batches that can run at once, each on its own model thread

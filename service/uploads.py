@@ -1,18 +1,13 @@
-"""Reading the ``files`` field of a multipart upload, with limits, into decoded images."""
+"""Reading the ``files`` field of a multipart upload, with limits; decoding is :mod:`service.decoding`'s."""
 
 from __future__ import annotations
 
-import torch
 from fastapi import HTTPException, Request
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.images import decode_image
-
 FIELD = "files"
-# Small files (every CIFAR-sized image) decode faster than a hop to the thread pool costs.
-INLINE_DECODE_BYTES = 64 * 1024
+MULTIPART = "multipart/form-data"
 
 MULTIPART_OPENAPI = {
     "requestBody": {
@@ -39,8 +34,8 @@ MULTIPART_OPENAPI = {
 async def read_uploads(request: Request, *, max_files: int, max_bytes: int) -> list[tuple[str, bytes]]:
     """(filename, bytes) of every file in ``files``, in the order sent."""
     content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise HTTPException(415, f"send images as multipart/form-data in the field '{FIELD}' (got {content_type!r})")
+    if content_type.partition(";")[0].strip().lower() != MULTIPART:  # not a prefix: multipart/form-dataX is not it
+        raise HTTPException(415, f"send images as {MULTIPART} in the field '{FIELD}' (got {content_type!r})")
     try:
         form = await request.form(max_files=max_files, max_fields=32, max_part_size=max_bytes)
     except StarletteHTTPException as exc:  # Starlette's multipart errors
@@ -57,15 +52,3 @@ async def read_uploads(request: Request, *, max_files: int, max_bytes: int) -> l
         return [(upload.filename or f"file{i}", await upload.read()) for i, upload in enumerate(files)]
     finally:
         await form.close()
-
-
-async def decode_uploads(files: list[tuple[str, bytes]], *, max_pixels: int, max_frames: int) -> list[torch.Tensor]:
-    images = []
-    for name, data in files:
-        if len(data) <= INLINE_DECODE_BYTES:
-            images.append(decode_image(data, name, max_pixels=max_pixels, max_frames=max_frames))
-        else:
-            images.append(
-                await run_in_threadpool(decode_image, data, name, max_pixels=max_pixels, max_frames=max_frames)
-            )
-    return images

@@ -55,6 +55,7 @@ def _worker_app() -> FastAPI:
     from service.app import create_app  # torch and the app load here, in the worker, not at import
     from service.cpus import available_cpus
     from service.logs import configure_logging
+    from service.protocol import uvicorn_bounds
 
     settings = Settings()
     configure_logging(settings)
@@ -62,7 +63,12 @@ def _worker_app() -> FastAPI:
     service = read_service(run_dir)
     count = service["workers"]
     slot = WorkerSlot.claim(run_dir, count, settings.queue_size, available_cpus())
-    worker_settings = settings.model_copy(update={"queue_size": slot.queue_size})
+    # Bounds are the service's, not each worker's: the queue and the decode memory are shared out (a
+    # worker can still decode the largest image one may send), and the HTTP limits are set again in
+    # this process, which spawning started with the protocol class's defaults.
+    decode_share = max(settings.max_image_decode_mb, settings.decode_budget_mb / count)
+    worker_settings = settings.model_copy(update={"queue_size": slot.queue_size, "decode_budget_mb": decode_share})
+    uvicorn_bounds(worker_settings)
     app = create_app(worker_settings, cpus=slot.cpus, worker=slot)
     app.router.lifespan_context = _publishing_lifespan(app, slot, service.get("precision_reason"))
     return app

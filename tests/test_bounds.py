@@ -1,0 +1,599 @@
+"""Issue 14's bounds, attacked as a client would, each while an honest client is being served.
+
+Decode bombs of every kind are priced from their headers and refused with 413 before a pixel is
+decoded; the decodes that are allowed run off the event loop within one memory budget; header floods
+get 431; silent, half-sent and slow connections are closed at their deadlines; past the connection cap
+a request gets 503. Real servers on loopback (``python -m service``) wherever the transport matters,
+with short deadlines and small budgets set through ``CAMSERVE_*`` settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from harness import camserve
+from helpers import encode, random_image
+from PIL import Image
+
+from service.app import create_app
+from service.decoding import DecodeBusy, DecodeLimits, Decoder, MemoryBudget
+from service.images import ImageRejected, probe_image
+from service.settings import Settings
+
+MiB = 2**20
+HEADER_TIMEOUT_S = 1.0
+IDLE_TIMEOUT_S = 1.5
+MAX_HEADER_BYTES = 8192
+MAX_HEADERS = 40
+IMAGE_DECODE_MB = 16  # 2000x2000 RGBA (15.3 MiB) fits; 5000x5000 of anything does not
+REQUEST_DECODE_MB = 40
+DECODE_BUDGET_MB = 64  # one 2000x2000 RGBA WebP decode (61.3 MiB at its peak) at a time
+SETTINGS = {
+    "precision": "fp32",
+    "header_timeout_s": str(HEADER_TIMEOUT_S),
+    "idle_timeout_s": str(IDLE_TIMEOUT_S),
+    "max_header_bytes": str(MAX_HEADER_BYTES),
+    "max_headers": str(MAX_HEADERS),
+    "max_image_decode_mb": str(IMAGE_DECODE_MB),
+    "max_request_decode_mb": str(REQUEST_DECODE_MB),
+    "decode_budget_mb": str(DECODE_BUDGET_MB),
+    "decode_wait_s": "0.2",
+    "decode_threads": "4",
+    "log_requests": "true",
+}
+LONG_S = 60.0  # a socket read that should end much sooner; only there so that a failure cannot hang
+
+
+@dataclass(frozen=True)
+class Server:
+    base: str
+    address: tuple[str, int]
+    log: Path
+
+
+@contextmanager
+def serve(bundle_dir: Path, log: Path, **settings: str) -> Iterator[Server]:
+    with camserve(bundle_dir, log, **{**SETTINGS, **settings}) as running:
+        yield Server(running.base_url, running.address, log)
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serve(bundle_dir, tmp_path_factory.mktemp("bounds") / "server.log") as running:
+        yield running
+
+
+# -- images ---------------------------------------------------------------------------------------------
+def gradient(width: int, height: int, mode: str = "RGBA") -> Image.Image:
+    """Smooth: compresses to almost nothing, decodes to width x height x bands, as a bomb does."""
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    g = ((x + y) / 2).astype(np.uint8)
+    bands = {"RGBA": [g, g, 255 - g, g], "RGB": [g, g, 255 - g], "L": [g]}[mode]
+    return Image.fromarray(np.dstack(bands) if len(bands) > 1 else g, mode)
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A real 64x64 JPEG whose frame header (SOF) is rewritten to declare ``width`` x ``height``."""
+    data = bytearray(encode(random_image(0, (64, 64)), "JPEG", quality=90))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def small_png(seed: int = 0) -> bytes:
+    return encode(random_image(seed))
+
+
+# -- an honest client, served while the attacks run -----------------------------------------------------
+@dataclass
+class Honest:
+    """Asks for /livez and a small /predict back to back from a thread; records every answer."""
+
+    base: str
+    answers: list[tuple[float, float, str, int]] = field(default_factory=list)  # started, ended, path, status
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.base, timeout=30) as client:
+            while not self.stop.is_set():
+                for path in ("/livez", "/predict"):
+                    started = time.monotonic()
+                    try:
+                        if path == "/predict":
+                            response = client.post(path, files=[("files", ("honest.png", small_png(), "image/png"))])
+                        else:
+                            response = client.get(path)
+                        status = response.status_code
+                    except httpx.HTTPError:
+                        status = 0
+                    self.answers.append((started, time.monotonic(), path, status))
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = LONG_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.01)
+
+
+@contextmanager
+def honest_client(server: Server) -> Iterator[Honest]:
+    """Yields once the honest client has been answered; afterwards asserts that it was answered during
+    the block (a request of its started and ended inside it) and never refused."""
+    honest = Honest(server.base)
+    thread = threading.Thread(target=honest.run, daemon=True)
+    thread.start()
+    wait_until(lambda: len(honest.answers) >= 2)
+    started = time.monotonic()
+    try:
+        yield honest
+        ended = time.monotonic()
+        wait_until(lambda: any(a[0] > ended for a in honest.answers))
+    finally:
+        honest.stop.set()
+        thread.join(timeout=LONG_S)
+    failed = [a for a in honest.answers if a[3] != 200]
+    assert not failed, f"the honest client was refused: {failed[:5]}"
+    assert any(a[0] >= started and a[1] <= ended for a in honest.answers) or any(
+        a[0] < ended and a[1] > started for a in honest.answers
+    ), "no honest request was answered during the attack"
+
+
+def predict(server: Server, files: list[tuple[str, bytes]], timeout: float = LONG_S) -> httpx.Response:
+    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
+    return httpx.post(f"{server.base}/predict", files=parts, timeout=timeout)
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.base}/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+# -- decode bombs: priced from the header, refused before any pixel is decoded --------------------------
+BOMBS = {
+    "lossless.webp": lambda: encode(gradient(5000, 5000), "WEBP", lossless=True),  # ~10 KB, 95 MiB decoded
+    "deep.png": lambda: encode(gradient(5000, 5000)),
+    "canvas.gif": lambda: encode(Image.new("P", (5000, 5000)), "GIF"),
+    "huge.jpg": lambda: jpeg_declaring(60000, 60000),  # 3.6 G pixels declared in a 2 KB file
+    "progressive.jpg": lambda: encode(gradient(5000, 5000, "RGB"), "JPEG", quality=80, progressive=True),
+}
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_decode_bombs_are_refused_with_413_naming_the_file(server: Server, name: str) -> None:
+    data = BOMBS[name]()
+    assert len(data) < 2 * MiB
+    with honest_client(server):
+        response = predict(server, [("fine.png", small_png()), (name, data)])
+    assert response.status_code == 413, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith(f"{name}: "), detail
+    assert any(word in detail for word in ("exceeds the limit", "decode memory budget", "too many pixels")), detail
+
+
+def test_bombs_are_priced_without_decoding() -> None:
+    """The per-image limit holds before ``load``: nothing of the 95 MiB is ever allocated."""
+    data = BOMBS["lossless.webp"]()
+    with pytest.raises(ImageRejected) as refused:
+        probe_image(data, "b.webp", max_pixels=25_000_000, max_decoded_bytes=IMAGE_DECODE_MB * MiB)
+    assert refused.value.status_code == 413 and "5000x5000 RGBA (95.4 MiB)" in str(refused.value)
+    probe = probe_image(data, "b.webp", max_pixels=25_000_000)
+    assert probe.decoded_bytes == 5000 * 5000 * 4 and probe.image._im is None  # header read, no pixels
+    probe.close()
+
+
+def test_a_phone_photo_is_served_from_its_reduced_scale(server: Server) -> None:
+    """4000x3000 JPEG: libjpeg decodes it at 1/8 scale (500x375), well inside every limit."""
+    photo = encode(gradient(4000, 3000, "RGB"), "JPEG", quality=90)
+    probe = probe_image(photo, "photo.jpg", max_pixels=25_000_000)
+    assert probe.image.size == (500, 375) and probe.decoded_bytes == 500 * 375 * 3
+    probe.close()
+    response = predict(server, [("photo.jpg", photo)])
+    assert response.status_code == 200, response.text
+
+
+def test_the_request_total_is_capped_before_decoding(server: Server) -> None:
+    image = encode(gradient(1800, 1800), "WEBP", lossless=True)  # 12.4 MiB decoded, under the 16 per image
+    files = [(f"{i}.webp", image) for i in range(4)]  # 49 MiB in all, over the 40 per request
+    with honest_client(server):
+        response = predict(server, files)
+    assert response.status_code == 413, response.text
+    assert response.json()["detail"].startswith("3.webp: the request's images decode to more than 40.0 MiB")
+
+
+def test_livez_answers_while_heavy_images_are_decoded(server: Server) -> None:
+    """Allowed but costly decodes (a second or more in all) run on decode threads: the event loop,
+    and with it /livez, keeps answering while they run."""
+    image = encode(gradient(1900, 1900), "WEBP", lossless=True)
+    done = threading.Event()
+    answered_meanwhile: list[int] = []
+
+    def heavy() -> httpx.Response:
+        try:
+            return predict(server, [(f"{i}.webp", image) for i in range(2)])
+        finally:
+            done.set()
+
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=server.base, timeout=LONG_S) as client:
+        future = pool.submit(heavy)
+        while not done.is_set():
+            status = client.get("/livez").status_code
+            if not done.is_set():
+                answered_meanwhile.append(status)
+        assert future.result().status_code == 200
+    assert answered_meanwhile and set(answered_meanwhile) == {200}
+
+
+def test_concurrent_decodes_wait_for_the_budget_then_get_503(server: Server) -> None:
+    """Each of these needs 61.3 MiB of the 64 MiB budget: one decodes at a time, the others wait
+    0.2 s for room and get 503 with Retry-After; small images still fit beside them."""
+    image = encode(gradient(2000, 2000), "WEBP", lossless=True)
+    busy_before = metric(server, "camserve_rejections_total", reason="decode_busy")
+    with honest_client(server), ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda i: predict(server, [(f"{i}.webp", image)]), range(8)))
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    busy = [r for r in responses if r.status_code == 503]
+    assert all(r.headers.get("retry-after") and "decode memory budget busy" in r.json()["detail"] for r in busy)
+    assert metric(server, "camserve_rejections_total", reason="decode_busy") - busy_before == len(busy)
+
+
+def test_the_budget_is_never_exceeded_by_concurrent_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: every decode is watched, and the reserved total never passes the budget."""
+    import service.decoding as decoding
+
+    image = encode(gradient(600, 600), "WEBP", lossless=True)
+    peak = probe_image(image, "one.webp", max_pixels=10**8).peak_bytes  # 5.8 MiB
+    budget = int(2.5 * peak)
+    decoder = Decoder(
+        DecodeLimits(max_pixels=10**8, max_frames=10, max_image_bytes=64 * MiB, max_request_bytes=64 * MiB, wait_s=30),
+        threads=8,
+        budget_bytes=budget,
+    )
+    seen: list[int] = []
+    running = 0
+    most_running = 0
+    lock = threading.Lock()
+    real = decoding.decode_probed
+
+    def watched(probe, size=32):
+        nonlocal running, most_running
+        with lock:
+            running += 1
+            most_running = max(most_running, running)
+            seen.append(decoder.budget.in_use)
+        try:
+            time.sleep(0.02)  # hold the reservation a little, so that decodes overlap
+            return real(probe, size)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(decoding, "decode_probed", watched)
+
+    async def many() -> list[int]:
+        batches = await asyncio.gather(
+            *(decoder.decode([(f"{i}-{j}.webp", image) for j in range(3)]) for i in range(8))
+        )
+        return [len(images) for images in batches]
+
+    try:
+        assert asyncio.run(many()) == [3] * 8
+    finally:
+        decoder.shutdown()
+    assert len(seen) == 24 and max(seen) <= budget
+    assert most_running == 2  # room for two at once, never three
+    assert decoder.budget.in_use == 0
+
+
+def test_memory_budget_waits_then_refuses() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(100)
+        assert budget.try_take(80)
+        waiter = asyncio.create_task(budget.take(50, timeout_s=30))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        await asyncio.to_thread(budget.release, 80)  # released from another thread, as decode threads do
+        await asyncio.wait_for(waiter, 5)
+        assert budget.in_use == 50
+        with pytest.raises(DecodeBusy):
+            await budget.take(60, timeout_s=0.05)
+        assert budget.in_use == 50
+
+    asyncio.run(scenario())
+
+
+# -- headers: size and count ------------------------------------------------------------------------------
+def raw_exchange(server: Server, payload: bytes, *, shut_write: bool = False) -> bytes:
+    """Send ``payload`` on a fresh connection, read until the server closes it."""
+    with socket.create_connection(server.address, timeout=LONG_S) as sock:
+        try:
+            sock.sendall(payload)
+            if shut_write:
+                sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks)
+
+
+def test_oversized_headers_get_431(server: Server) -> None:
+    with honest_client(server):
+        one_big = httpx.get(f"{server.base}/livez", headers={"X-Filler": "a" * (MAX_HEADER_BYTES + 1)})
+        many = httpx.get(f"{server.base}/livez", headers={f"X-H{i}": "1" for i in range(MAX_HEADERS + 1)})
+        long_url = httpx.get(f"{server.base}/livez?q={'a' * MAX_HEADER_BYTES}")
+    for response in (one_big, many, long_url):
+        assert response.status_code == 431 and response.headers["connection"] == "close", response.text
+    assert "request headers" in many.json()["detail"]
+    # Just under the limits is fine.
+    fits = {f"X-H{i}": "1" for i in range(MAX_HEADERS - 10)} | {"X-Filler": "a" * (MAX_HEADER_BYTES // 2)}
+    assert httpx.get(f"{server.base}/livez", headers=fits).status_code == 200
+
+
+def test_an_endless_header_is_cut_off_not_buffered(server: Server) -> None:
+    """A header streamed without end: answered 431 once the limit is passed, long before 20 MB."""
+    with honest_client(server), socket.create_connection(server.address, timeout=LONG_S) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Flood: ")
+        sent = 0
+        try:
+            while sent < 20 * MiB:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer, _ = closed_after(sock)
+    assert sent < 20 * MiB, "the server read 20 MB of one header"
+    # The 431 arrives unless the server's reset (it closed with our bytes unread) overtook it.
+    assert answer.startswith(b"HTTP/1.1 431") or answer == b"", answer[:200]
+
+
+# -- silent, half-sent and slow connections ---------------------------------------------------------------
+def closed_after(sock: socket.socket) -> tuple[bytes, float]:
+    """Block until the server closes ``sock``; what it sent, and after how long."""
+    started = time.monotonic()
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data, time.monotonic() - started
+
+
+def test_silent_connections_are_closed_after_the_idle_timeout(server: Server) -> None:
+    with honest_client(server):
+        sockets = [socket.create_connection(server.address, timeout=LONG_S) for _ in range(50)]
+        try:
+            results = [closed_after(sock) for sock in sockets]
+        finally:
+            for sock in sockets:
+                sock.close()
+    # Every read ended (none ran into LONG_S): the server closed them all, saying nothing, as no request began.
+    assert all(data == b"" for data, _ in results)
+
+
+def test_a_half_sent_request_gets_408_at_the_header_deadline(server: Server) -> None:
+    with honest_client(server), socket.create_connection(server.address, timeout=LONG_S) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        data, _ = closed_after(sock)
+    assert data.startswith(b"HTTP/1.1 408"), data
+    assert b"request headers not received within 1 s" in data
+
+
+def test_a_slowloris_trickling_headers_gets_408(server: Server) -> None:
+    """One header byte every 50 ms keeps every byte-driven timer alive; the header deadline is not one."""
+    with honest_client(server), socket.create_connection(server.address, timeout=LONG_S) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+        answer = b""
+        try:
+            for _ in range(int(10 * HEADER_TIMEOUT_S / 0.05)):
+                sock.sendall(b"X-Slow: 1\r\n"[:1])
+                time.sleep(0.05)
+                sock.setblocking(False)
+                try:
+                    answer += sock.recv(65536)
+                except BlockingIOError:
+                    pass
+                finally:
+                    sock.setblocking(True)
+                if answer:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        if not answer:
+            answer, _ = closed_after(sock)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+
+
+def test_a_keep_alive_connection_is_closed_when_idle(server: Server) -> None:
+    with socket.create_connection(server.address, timeout=LONG_S) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        data, _ = closed_after(sock)
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'{"status":"alive"}')
+
+
+def test_the_connection_cap_refuses_with_503_then_recovers(bundle_dir: Path, tmp_path: Path) -> None:
+    """Past ``MAX_CONNECTIONS`` open connections every request gets uvicorn's 503; the silent ones that
+    hold the places are closed at the idle deadline, and then honest clients are served again."""
+    with serve(bundle_dir, tmp_path / "capped.log", max_connections="4") as capped:
+        holders = [socket.create_connection(capped.address, timeout=LONG_S) for _ in range(4)]
+        try:
+            refused = raw_exchange(capped, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert refused.startswith(b"HTTP/1.1 503"), refused
+            for sock in holders:
+                assert closed_after(sock)[0] == b""
+        finally:
+            for sock in holders:
+                sock.close()
+        wait_until(lambda: httpx.get(f"{capped.base}/livez", timeout=10).status_code == 200)
+        assert predict(capped, [("a.png", small_png())]).status_code == 200
+
+
+# -- the small ones -----------------------------------------------------------------------------------------
+def test_a_multipart_look_alike_content_type_is_415(server: Server) -> None:
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+        + small_png()
+        + b"\r\n--b--\r\n"
+    )
+    for content_type in ("multipart/form-dataX; boundary=b", "multipart/form-data-x; boundary=b", "image/png"):
+        response = httpx.post(f"{server.base}/predict", content=body, headers={"Content-Type": content_type})
+        assert response.status_code == 415, (content_type, response.text)
+    ok = httpx.post(f"{server.base}/predict", content=body, headers={"Content-Type": "Multipart/Form-Data; boundary=b"})
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("path", ["/livez", "/readyz", "/health", "/metrics", "/", "/docs", "/static/index.html"])
+def test_head_is_answered_where_get_is(server: Server, path: str) -> None:
+    get = httpx.get(f"{server.base}{path}")
+    head = httpx.head(f"{server.base}{path}")
+    assert get.status_code == head.status_code == 200
+    assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_redirects_are_relative_and_reflect_no_host(server: Server) -> None:
+    for path, expected in (("/static", "/static/"), ("//evil.example/static", None)):
+        response = httpx.get(f"{server.base}{path}", headers={"Host": "evil.example"}, follow_redirects=False)
+        if response.is_redirect:
+            location = response.headers["location"]
+            assert "evil.example" not in location.split("/")[2:3] and not location.startswith(("//", "http"))
+            assert expected is None or location == expected
+    assert httpx.get(f"{server.base}/static/index.html").status_code == 200
+
+
+def test_a_half_closed_client_gets_its_answer(server: Server) -> None:
+    answer = raw_exchange(server, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n", shut_write=True)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status":"alive"}')
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="files"; filename="h.png"\r\n\r\n'
+        + small_png()
+        + b"\r\n--b--\r\n"
+    )
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    answer = raw_exchange(server, head.encode() + body, shut_write=True)
+    assert answer.startswith(b"HTTP/1.1 200") and b'"filename":"h.png"' in answer
+
+
+def test_a_client_that_half_closes_mid_body_is_logged_as_gone(server: Server) -> None:
+    request_id = f"halfbody{time.monotonic_ns()}"
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: 100000\r\nX-Request-ID: {request_id}\r\n\r\n"
+    )
+    answer = raw_exchange(server, head.encode() + b"--b\r\n", shut_write=True)
+    assert answer == b""
+
+    def logged() -> list[dict]:
+        lines = [line for line in server.log.read_text().splitlines() if request_id in line]
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    wait_until(lambda: bool(logged()))
+    assert logged()[0]["status"] == 499
+
+
+# -- admission before work ----------------------------------------------------------------------------------
+async def test_a_full_queue_or_a_draining_service_refuses_before_reading_the_body(bundle_dir: Path) -> None:
+    """Both model lanes are held busy, the queue (2 images) filled; the next request is refused with
+    503 without its body being read: its ``receive`` is never called."""
+    settings = Settings(model_dir=bundle_dir, precision="fp32", queue_size=2, max_batch_size=1, log_requests=False)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        state = app.state.camserve
+        release = threading.Event()
+        executor = state.predict_batcher._executor
+        blockers = [executor.submit(release.wait) for _ in range(state.lanes)]
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://camserve", timeout=LONG_S) as client:
+            batcher = state.predict_batcher
+            queued = []
+            for i in range(state.lanes + 2):  # one at a time: each lane takes one, then two wait in the queue
+                files = [("files", (f"{i}.png", small_png(i), "image/png"))]
+                queued.append(asyncio.create_task(client.post("/predict", files=files)))
+                if i < state.lanes:
+                    await _until(lambda i=i: batcher._running == i + 1)
+                else:
+                    await _until(lambda i=i: batcher.depth == i + 1 - state.lanes)
+            await _until(lambda: state.predict_batcher.free <= 0)
+
+            refused, body_read = await _call_without_body(app, "/predict")
+            assert refused["status"] == 503 and not body_read
+            assert (b"retry-after", b"1") in refused["headers"]
+
+            release.set()
+            assert [r.status_code for r in await asyncio.gather(*queued)] == [200] * len(queued)
+        for blocker in blockers:
+            blocker.result()
+        state.draining = True
+        refused, body_read = await _call_without_body(app, "/gradcam")
+        assert refused["status"] == 503 and not body_read
+        state.draining = False
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + LONG_S
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def _call_without_body(app, path: str) -> tuple[dict, bool]:
+    """Call the app directly with a POST whose body would come from ``receive``; report whether it asked."""
+    read = False
+
+    async def receive() -> dict:
+        nonlocal read
+        read = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    started: dict = {}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            started.update(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=b"), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    return started, read
