@@ -463,9 +463,12 @@ def test_a_multipart_look_alike_content_type_is_415(server: Server) -> None:
         + small_png()
         + b"\r\n--b--\r\n"
     )
-    for content_type in ("multipart/form-dataX; boundary=b", "multipart/form-data-x; boundary=b", "image/png"):
+    for content_type in ("multipart/form-dataX; boundary=b", "multipart/form-data-x; boundary=b", "text/plain"):
         response = httpx.post(f"{server.base}/predict", content=body, headers={"Content-Type": content_type})
         assert response.status_code == 415, (content_type, response.text)
+    # image/* is a raw image body (issue 16): a multipart body sent as one is not an image, a clear 400
+    response = httpx.post(f"{server.base}/predict", content=body, headers={"Content-Type": "image/png"})
+    assert response.status_code == 400 and "not an image" in response.json()["detail"], response.text
     ok = httpx.post(f"{server.base}/predict", content=body, headers={"Content-Type": "Multipart/Form-Data; boundary=b"})
     assert ok.status_code == 200, ok.text
 
