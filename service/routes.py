@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from camcore.cam_methods import DEFAULT_METHOD, METHODS, MethodName
 from service.batcher import BatchFailed, DynamicBatcher, QueueFull, ShuttingDown
 from service.engine import GradcamJob
 from service.render import colormap_lut, overlay, png_base64, png_bytes
@@ -154,15 +155,22 @@ def _resolve_target(target: str | None, classes: list[str]) -> int | None:
     responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or a PNG with format=png"}},
     openapi_extra=MULTIPART_OPENAPI,
     dependencies=[Authorized],
-    summary="Grad-CAM heatmaps and overlays for one or more images",
+    summary="Class activation maps (Grad-CAM and four more methods) and overlays for one or more images",
 )
 async def gradcam(
     request: Request,
     state: State,
     layer: Annotated[str | None, Query(description="named block; default: the bundle's (/health)")] = None,
+    method: Annotated[
+        MethodName, Query(description="gradcam, hirescam, gradcampp (Grad-CAM++), xgradcam or layercam")
+    ] = DEFAULT_METHOD,
     target: Annotated[str | None, Query(description="class label or index; default: the predicted class")] = None,
     opacity: Annotated[float, Query(ge=0.0, le=1.0, description="heatmap opacity in the overlay")] = 0.5,
     format: Annotated[Literal["json", "png"], Query(description="png: the overlay image (one file only)")] = "json",
+    faithfulness: Annotated[
+        Literal["road"] | None,
+        Query(description="road: also score each heatmap with ROAD (18 more forward passes per image)"),
+    ] = None,
 ) -> Any:
     classes = state.bundle.classes
     layers = list(state.engine.model.blocks)
@@ -173,13 +181,16 @@ async def gradcam(
     names, images = await _images(request, state)
     if format == "png" and len(images) != 1:
         raise HTTPException(422, "format=png returns one image: send exactly one file")
-    rows = await _run(state, state.gradcam_batcher, [GradcamJob(img, layer, target_index) for img in images])
+    road = faithfulness == "road"
+    jobs = [GradcamJob(img, layer, target_index, method, road) for img in images]
+    rows = await _run(state, state.gradcam_batcher, jobs)
     results = []
     for name, image, row in zip(names, images, rows, strict=True):
         heatmap = row.heatmap.numpy()
         blended = overlay(image.permute(1, 2, 0).numpy(), heatmap, opacity)
         if format == "png":
-            return Response(png_bytes(blended), media_type="image/png")
+            headers = {"X-ROAD-Score": f"{row.road:.4f}"} if row.road is not None else None
+            return Response(png_bytes(blended), media_type="image/png", headers=headers)
         predicted = int(row.probabilities.argmax())
         results.append(
             {
@@ -190,6 +201,8 @@ async def gradcam(
                 "target_index": row.target,
                 "target_probability": float(row.probabilities[row.target]),
                 "layer": layer,
+                "method": method,
+                "road": None if row.road is None else round(row.road, 4),
                 "heatmap": np.round(heatmap.astype(np.float64), 4).tolist(),
                 "overlay_png": png_base64(blended),
             }
@@ -227,6 +240,9 @@ async def health(state: State) -> dict[str, Any]:
         "gradcam": {
             "layers": state.layers,
             "default_layer": state.bundle.default_cam_layer,
+            "methods": list(METHODS),
+            "default_method": DEFAULT_METHOD,
+            "faithfulness": meta.get("cam_faithfulness"),
             "colormap": colormap_lut(),
         },
         "batching": {
