@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -10,12 +11,14 @@ import torch
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from camcore.cam_methods import DEFAULT_METHOD, METHODS, MethodName
 from service.batcher import BatchFailed, DynamicBatcher, QueueFull, ShuttingDown
 from service.engine import GradcamJob
 from service.render import colormap_lut, overlay, png_base64, png_bytes
 from service.schemas import (
+    CamFaithfulness,
     ErrorResponse,
     GradcamResponse,
     Health,
@@ -28,6 +31,7 @@ from service.uploads import MULTIPART_OPENAPI, decode_uploads, read_uploads
 from service.web import STATIC_DIR
 
 router = APIRouter()
+log = logging.getLogger("camserve.routes")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ValidationErrorResponse if code == 422 else ErrorResponse, "description": text}
@@ -210,6 +214,19 @@ async def gradcam(
     return JSONResponse({"model_version": state.bundle.version, "results": results})
 
 
+def _cam_faithfulness(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The bundle's ROAD table (``bench/cam_faithfulness.py``), or None when it has none or a malformed one:
+    a bad optional key in model.json must not take /health down."""
+    record = meta.get("cam_faithfulness")
+    if record is None:
+        return None
+    try:
+        return CamFaithfulness.model_validate(record).model_dump()
+    except ValidationError:
+        log.warning("model.json: 'cam_faithfulness' does not match the schema; not shown in /health")
+        return None
+
+
 @router.get("/health", response_model=Health, summary="Model, accuracy, device and batching")
 async def health(state: State) -> dict[str, Any]:
     meta = state.bundle.metadata
@@ -242,7 +259,7 @@ async def health(state: State) -> dict[str, Any]:
             "default_layer": state.bundle.default_cam_layer,
             "methods": list(METHODS),
             "default_method": DEFAULT_METHOD,
-            "faithfulness": meta.get("cam_faithfulness"),
+            "faithfulness": _cam_faithfulness(meta),
             "colormap": colormap_lut(),
         },
         "batching": {
