@@ -9,5 +9,6 @@
 * :mod:`camcore.road`: ROAD, how faithful a heatmap is, on :mod:`camcore.imputation`'s linear infill.
 
 It imports torch, numpy, scipy (LAPACK's banded solver), Pillow and safetensors only: never
-``training`` (Lightning) nor ``service`` (FastAPI), so both stand on it side by side and the serving image needs no Lightning.
+``training`` (Lightning) nor ``service`` (FastAPI), so both stand on it side by side and the serving
+image needs no Lightning.
 """
