@@ -9,6 +9,7 @@ scale: what a heatmap that knows nothing scores.
 
     python bench/cam_faithfulness.py --data-dir ../shared/data/cifar10-jpeg.tar.gz            # 1,000 images
     python bench/cam_faithfulness.py --data-dir ... --images 20 --no-write-bundle              # a quick look
+    python bench/cam_faithfulness.py --write-from-results   # only set model.json's key from bench/results/
 
 Writes ``bench/results/cam_faithfulness.{md,json}`` and, unless ``--no-write-bundle``, the key
 ``cam_faithfulness`` of the bundle's ``model.json`` (only that key; the weights and their sha256
@@ -145,7 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/camserve-cam-faithfulness.json"))
     parser.add_argument("--out", type=Path, default=RESULTS / "cam_faithfulness")
     parser.add_argument("--no-write-bundle", dest="write_bundle", action="store_false")
+    parser.add_argument(
+        "--write-from-results",
+        action="store_true",
+        help="compute nothing: set model.json's key from the --out .json of an earlier run (e.g. after a merge)",
+    )
     args = parser.parse_args(argv)
+    if args.write_from_results:
+        write_into_bundle(args.model_dir, json.loads(args.out.with_suffix(".json").read_text()))
+        return 0
     torch.set_num_threads(args.threads)
     started = dt.datetime.now(dt.UTC)
 
