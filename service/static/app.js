@@ -239,7 +239,7 @@
     gradcampp: "Grad-CAM++",
     xgradcam: "XGrad-CAM",
     layercam: "LayerCAM",
-    random: "random heatmap",
+    random: "random",
   };
   const methodLabel = (name) => METHOD_LABELS[name] || name;
 
