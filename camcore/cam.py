@@ -2,9 +2,11 @@
 ``BaseCAM``, batched).
 
 Per image: the chosen block's activations A and the gradient G of the target class's *logit* (the
-pre-softmax score) with respect to them; a method turns (A, G) into a map (Grad-CAM: the ReLU of
-the channels of A weighted by G's spatial mean), which is min-max scaled to [0, 1] and upsampled
-bilinearly to the input size: the same steps, in the same order, as the package.
+pre-softmax score) with respect to them; a method (:mod:`camcore.cam_methods`, e.g. Grad-CAM: the
+channels of A weighted by G's spatial mean) turns (A, G) into a map, whose ReLU is min-max scaled to
+[0, 1], upsampled bilinearly to the input size and min-max scaled again: the same steps, in the
+same order, as the package's ``compute_cam_per_layer`` and ``aggregate_multi_layers``. Every
+method reads the same A and G, so one batch may mix methods.
 
 Batched: one forward and one backward for the whole batch. Each image's score depends only on its
 own activations (BatchNorm is in eval mode), so the gradient of the *sum* of the per-image target
@@ -19,26 +21,14 @@ the ones /predict reports for the same image.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from camcore.cam_methods import DEFAULT_METHOD, METHODS
 from camcore.forward import ServedForward
-
-# (activations, gradients), both float32 (N, C, h, w) -> the map before scaling, (N, h, w).
-CamMethod = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def grad_cam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al. 2017): channels weighted by the spatial mean of their gradient."""
-    weights = gradients.mean(dim=(2, 3), keepdim=True)
-    return F.relu((weights * activations).sum(dim=1))
-
-
-METHODS: dict[str, CamMethod] = {"gradcam": grad_cam}
-DEFAULT_METHOD = "gradcam"
 
 
 @dataclass(frozen=True)
@@ -70,9 +60,10 @@ def class_activation_maps(
     images: torch.Tensor,
     layer: str,
     targets: Sequence[int | None],
-    method: str = DEFAULT_METHOD,
+    method: str | Sequence[str] = DEFAULT_METHOD,
 ) -> CamOutput:
-    """Maps of ``layer`` for uint8 ``images`` (N, 3, H, W), one target (or ``None``) per image.
+    """Maps of ``layer`` for uint8 ``images`` (N, 3, H, W), one target (or ``None``) per image, and
+    one method for all or one per image (one forward and backward either way).
 
     With flip test-time augmentation the mirrored images ride along in the same pass: the
     probabilities (and so the default target) are the mean over both views, while the map is still
@@ -82,10 +73,12 @@ def class_activation_maps(
     blocks = forward.model.blocks
     if layer not in blocks:
         raise KeyError(f"unknown layer {layer!r}; valid: {list(blocks)}")
-    if method not in METHODS:
-        raise KeyError(f"unknown CAM method {method!r}; valid: {list(METHODS)}")
-    if len(targets) != len(images):
-        raise ValueError(f"{len(targets)} targets for {len(images)} images")
+    methods = [method] * len(images) if isinstance(method, str) else list(method)
+    for name in dict.fromkeys(methods):
+        if name not in METHODS:
+            raise KeyError(f"unknown CAM method {name!r}; valid: {list(METHODS)}")
+    if len(targets) != len(images) or len(methods) != len(images):
+        raise ValueError(f"{len(targets)} targets and {len(methods)} methods for {len(images)} images")
     names = list(blocks)
     split = names.index(layer) + 1
     n = images.shape[0]
@@ -106,7 +99,24 @@ def class_activation_maps(
             chosen = resolve_targets(targets, probabilities)
             score = logits.gather(1, chosen.view(-1, 1)).sum()
             (gradients,) = torch.autograd.grad(score, activations)
-    cam = METHODS[method](activations[:n].detach().float(), gradients[:n].float())
-    cam = scale_to_unit(cam)
-    cam = F.interpolate(cam.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
-    return CamOutput(cam.clamp_(0.0, 1.0), logits.detach(), probabilities, chosen)
+    cam = maps_of_methods(methods, activations[:n].detach().float(), gradients[:n].float())
+    return CamOutput(to_heatmaps(cam, tuple(x.shape[-2:])), logits.detach(), probabilities, chosen)
+
+
+def to_heatmaps(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A method's (N, h, w) maps -> (N, H, W) heatmaps in [0, 1]: ReLU, min-max, bilinear upsampling,
+    min-max again (``BaseCAM.compute_cam_per_layer`` then ``aggregate_multi_layers``, one layer)."""
+    cam = scale_to_unit(F.relu(cam))
+    cam = F.interpolate(cam.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    return scale_to_unit(cam).clamp_(0.0, 1.0)
+
+
+def maps_of_methods(methods: Sequence[str], activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Each image's map by its own method, (N, h, w): every method runs once, on its images only."""
+    if len(set(methods)) == 1:
+        return METHODS[methods[0]](activations, gradients)
+    cam = activations.new_empty(activations.shape[0], *activations.shape[2:])
+    for name in dict.fromkeys(methods):
+        rows = torch.tensor([i for i, m in enumerate(methods) if m == name], device=activations.device)
+        cam[rows] = METHODS[name](activations[rows], gradients[rows])
+    return cam

@@ -16,7 +16,9 @@ import torch
 
 from camcore.bundle import Bundle
 from camcore.cam import class_activation_maps
+from camcore.cam_methods import DEFAULT_METHOD
 from camcore.forward import AUTOCAST_DTYPES, Precision, ServedForward, TestTimeAugmentation
+from camcore.road import road_scores
 
 log = logging.getLogger("camserve.engine")
 
@@ -28,6 +30,8 @@ class GradcamJob:
     image: torch.Tensor  # uint8 (3, H, W)
     layer: str
     target: int | None  # None: explain the predicted class
+    method: str = DEFAULT_METHOD  # a name in camcore.cam_methods.METHODS
+    road: bool = False  # also score the heatmap's faithfulness (ROAD: 18 more forward passes)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class GradcamRow:
     heatmap: torch.Tensor  # float32 (H, W)
     probabilities: torch.Tensor  # float32 (classes,)
     target: int
+    road: float | None = None  # the heatmap's ROAD score, when the job asked for it
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -74,6 +79,8 @@ class InferenceEngine:
         self.precision, self.precision_reason = self._choose_precision(precision)
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
         self.forward = ServedForward.from_bundle(bundle, precision=self.precision, tta=tta).eval()
+        # ROAD scores the plain network (no TTA views, no temperature) at the serving precision.
+        self.plain_forward = ServedForward(self.model, bundle.mean, bundle.std, precision=self.precision).eval()
         self.traced, self.trace_reason = self._trace() if trace else (None, "off (CAMSERVE_TRACE=false)")
 
     @property
@@ -165,16 +172,32 @@ class InferenceEngine:
         return list(probabilities.cpu().unbind(0))
 
     def gradcam(self, jobs: list[GradcamJob]) -> list[GradcamRow]:
-        """One forward+backward per distinct layer in the batch (usually one), each image its own target."""
-        rows: list[GradcamRow | None] = [None] * len(jobs)
+        """One forward+backward per distinct layer in the batch (usually one), each image its own target
+        and method (every method reads the same activations and gradients); then, for the jobs that
+        asked, the ROAD scores of all their heatmaps in one batched run."""
+        heatmaps: list[torch.Tensor] = [torch.empty(0)] * len(jobs)
+        probabilities: list[torch.Tensor] = [torch.empty(0)] * len(jobs)
+        targets = [0] * len(jobs)
         for layer in dict.fromkeys(job.layer for job in jobs):
             index = [i for i, job in enumerate(jobs) if job.layer == layer]
             images = torch.stack([jobs[i].image for i in index]).to(self.device, non_blocking=True)
-            out = class_activation_maps(self.forward, images, layer, [jobs[i].target for i in index])
-            probabilities, heatmaps, targets = out.probabilities.cpu(), out.heatmaps.cpu(), out.targets.tolist()
-            for row, i in enumerate(index):
-                rows[i] = GradcamRow(heatmaps[row], probabilities[row], targets[row])
-        return [row for row in rows if row is not None]
+            out = class_activation_maps(
+                self.forward, images, layer, [jobs[i].target for i in index], [jobs[i].method for i in index]
+            )
+            layer_probabilities, layer_heatmaps = out.probabilities.cpu(), out.heatmaps.cpu()
+            for row, (i, target) in enumerate(zip(index, out.targets.tolist(), strict=True)):
+                heatmaps[i], probabilities[i], targets[i] = layer_heatmaps[row], layer_probabilities[row], target
+        scored = [i for i, job in enumerate(jobs) if job.road]
+        road: dict[int, float] = {}
+        if scored:
+            scores = road_scores(
+                self.plain_forward,
+                torch.stack([jobs[i].image for i in scored]),
+                torch.stack([heatmaps[i] for i in scored]),
+                [targets[i] for i in scored],
+            )
+            road = dict(zip(scored, scores.tolist(), strict=True))
+        return [GradcamRow(heatmaps[i], probabilities[i], targets[i], road.get(i)) for i in range(len(jobs))]
 
     def warm_up(self) -> None:
         """Pay kernel selection and allocator growth before the first request, not during it."""
@@ -182,3 +205,4 @@ class InferenceEngine:
         for size in (1, self.batch_size):
             self.predict([image] * size)
         self.gradcam([GradcamJob(image, self.bundle.default_cam_layer, None)] * min(self.batch_size, 8))
+        self.gradcam([GradcamJob(image, self.bundle.default_cam_layer, None, road=True)])

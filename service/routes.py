@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 from typing import Annotated, Any, Literal
 
@@ -13,13 +14,16 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
+from camcore.cam_methods import DEFAULT_METHOD, METHODS, MethodName
 from service.batcher import BatchFailed, DynamicBatcher, QueueFull, ShuttingDown
 from service.engine import GradcamJob
 from service.raw_body import REQUEST_BODY_OPENAPI, is_raw_image, read_raw_image
 from service.reload import pin
 from service.render import colormap_lut, overlay, png_base64, png_bytes
 from service.schemas import (
+    CamFaithfulness,
     ErrorResponse,
     GradcamResponse,
     Health,
@@ -32,6 +36,7 @@ from service.uploads import read_uploads
 from service.web import STATIC_DIR
 
 router = APIRouter()
+log = logging.getLogger("camserve.routes")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ValidationErrorResponse if code == 422 else ErrorResponse, "description": text}
@@ -200,15 +205,22 @@ def _resolve_target(target: str | None, classes: list[str]) -> int | None:
     responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or a PNG with format=png"}},
     openapi_extra=REQUEST_BODY_OPENAPI,
     dependencies=[Authorized, _admission("gradcam")],
-    summary="Grad-CAM heatmaps and overlays for one or more images",
+    summary="Class activation maps (Grad-CAM and four more methods) and overlays for one or more images",
 )
 async def gradcam(
     request: Request,
     state: State,
     layer: Annotated[str | None, Query(description="named block; default: the bundle's (/health)")] = None,
+    method: Annotated[
+        MethodName, Query(description="gradcam, hirescam, gradcampp (Grad-CAM++), xgradcam or layercam")
+    ] = DEFAULT_METHOD,
     target: Annotated[str | None, Query(description="class label or index; default: the predicted class")] = None,
     opacity: Annotated[float, Query(ge=0.0, le=1.0, description="heatmap opacity in the overlay")] = 0.5,
     format: Annotated[Literal["json", "png"], Query(description="png: the overlay image (one file only)")] = "json",
+    faithfulness: Annotated[
+        Literal["road"] | None,
+        Query(description="road: also score each heatmap with ROAD (18 more forward passes per image)"),
+    ] = None,
 ) -> Any:
     engine = state.engine
     classes = engine.bundle.classes
@@ -220,14 +232,16 @@ async def gradcam(
     names, images = await _images(request, state)
     if format == "png" and len(images) != 1:
         raise HTTPException(422, "format=png returns one image: send exactly one file")
-    jobs = [GradcamJob(img, layer, target_index) for img in images]
+    road = faithfulness == "road"
+    jobs = [GradcamJob(img, layer, target_index, method, road) for img in images]
     rows = await _run(state, state.gradcam_batcher, pin(engine, jobs))
     results = []
     for name, image, row in zip(names, images, rows, strict=True):
         heatmap = row.heatmap.numpy()
         blended = overlay(image.permute(1, 2, 0).numpy(), heatmap, opacity)
         if format == "png":
-            return Response(png_bytes(blended), media_type="image/png")
+            headers = {"X-ROAD-Score": f"{row.road:.4f}"} if row.road is not None else None
+            return Response(png_bytes(blended), media_type="image/png", headers=headers)
         predicted = int(row.probabilities.argmax())
         results.append(
             {
@@ -238,6 +252,8 @@ async def gradcam(
                 "target_index": row.target,
                 "target_probability": float(row.probabilities[row.target]),
                 "layer": layer,
+                "method": method,
+                "road": None if row.road is None else round(row.road, 4),
                 "heatmap": np.round(heatmap.astype(np.float64), 4).tolist(),
                 "overlay_png": png_base64(blended),
             }
@@ -266,6 +282,19 @@ def served_test_accuracy(meta: dict[str, Any], tta: str) -> float | None:
     if after is not None:
         return after
     return meta.get("test_accuracy_flip_tta" if tta == "flip" else "test_accuracy")
+
+
+def _cam_faithfulness(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The bundle's ROAD table (``bench/cam_faithfulness.py``), or None when it has none or a malformed one:
+    a bad optional key in model.json must not take /health down."""
+    record = meta.get("cam_faithfulness")
+    if record is None:
+        return None
+    try:
+        return CamFaithfulness.model_validate(record).model_dump()
+    except ValidationError:
+        log.warning("model.json: 'cam_faithfulness' does not match the schema; not shown in /health")
+        return None
 
 
 @router.get("/health", response_model=Health, summary="Model, accuracy, device and batching")
@@ -299,6 +328,9 @@ async def health(state: State) -> dict[str, Any]:
         "gradcam": {
             "layers": state.layers,
             "default_layer": state.bundle.default_cam_layer,
+            "methods": list(METHODS),
+            "default_method": DEFAULT_METHOD,
+            "faithfulness": _cam_faithfulness(meta),
             "colormap": colormap_lut(),
         },
         "batching": {

@@ -29,6 +29,13 @@ class GradcamResult(BaseModel):
     target_index: int
     target_probability: float
     layer: str
+    method: str = Field(description="CAM method: gradcam, hirescam, gradcampp, xgradcam or layercam")
+    road: float | None = Field(
+        None,
+        description="ROAD faithfulness of the heatmap (with faithfulness=road; else null): the mean over percentiles "
+        "10..90 of (drop in the target's probability when the least relevant pixels are removed minus when the most "
+        "relevant are) / 2, as pytorch-grad-cam's ROADCombined; higher is more faithful, a random heatmap scores ~0",
+    )
     heatmap: list[list[float]] = Field(description="H x W values in [0, 1] at the model's input resolution")
     overlay_png: str = Field(description="base64 PNG: viridis heatmap blended over the image")
 
@@ -102,9 +109,41 @@ class ModelInfo(BaseModel):
     calibration: CalibrationInfo | None = Field(None, description="temperature scaling; null if not calibrated")
 
 
+class BestCam(BaseModel):
+    method: str
+    layer: str
+    road: float
+
+
+class CamFaithfulness(BaseModel):
+    """Mean ROAD per method and layer on test images, measured by ``bench/cam_faithfulness.py``."""
+
+    metric: str = Field(examples=["ROAD"])
+    definition: str
+    images: int = Field(description="test images scored per method and layer")
+    precision: str
+    test_time_augmentation: str
+    target: str = Field(examples=["predicted class"])
+    layers: list[str]
+    road: dict[str, dict[str, float]] = Field(
+        description="method (and 'random', a random heatmap for scale) -> layer -> mean ROAD"
+    )
+    standard_error: dict[str, dict[str, float]]
+    best: BestCam
+    machine: str
+    command: str
+    started: str
+    seconds: float
+
+
 class GradcamInfo(BaseModel):
     layers: list[LayerInfo]
     default_layer: str
+    methods: list[str] = Field(description="CAM methods /gradcam serves (method=)")
+    default_method: str
+    faithfulness: CamFaithfulness | None = Field(
+        None, description="which method and layer to trust: the bundle's measured ROAD table, if it has one"
+    )
     colormap: list[list[int]] = Field(
         description="256 RGB colours: heatmap value v is drawn as colormap[round(255 v)] (viridis)"
     )

@@ -299,3 +299,24 @@ def test_model_card_draws_the_reliability_diagram(page: Page, server: Server) ->
     page.locator("#calibration").scroll_into_view_if_needed()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.locator("#model-card").screenshot(path=str(ARTIFACTS / "07-reliability.png"))
+
+
+def test_method_selector_road_score_and_the_road_table(page: Page, server: Server) -> None:
+    health = httpx.get(f"{server.url}/health").json()
+    expect(page.locator("#method option")).to_have_count(len(health["gradcam"]["methods"]))
+    page.locator('[data-example="horse"]').click()
+    expect(page.locator(".result-card .bar-row")).to_have_count(3)
+    page.focus("#gradcam-on")
+    page.keyboard.press("Space")
+    expect(page.locator(".result-card canvas.overlay")).to_have_count(1)
+    page.select_option("#method", "layercam")
+    page.check("#road-on")
+    expect(page.locator(".result-card .road-score")).to_contain_text(re.compile(r"ROAD faithfulness -?\d\.\d{3}"))
+    expect(page.locator(".result-card figcaption.legend")).to_contain_text("LayerCAM")
+    table = health["gradcam"]["faithfulness"]
+    if table:
+        expect(page.locator("#faithfulness-body tr")).to_have_count(len(table["road"]))
+        expect(page.locator("#faithfulness-help")).to_contain_text(f"{table['images']:,} test images")
+    else:
+        expect(page.locator("#faithfulness-section")).to_be_hidden()
+    shot(page, "08-method-and-road")

@@ -228,6 +228,7 @@
     layerSelect.value = state.defaultLayer;
     updateLayerHelp();
     renderOverlays(); // an answer that came before the colour map can be painted now
+    applyMethods(health.gradcam);
 
     const targetSelect = $("target");
     targetSelect.replaceChildren(
@@ -308,6 +309,54 @@
           ...modes.map((mode) => {
             const { before, after } = calibration.test[mode];
             return el("td", { title: "before (T = 1) → after" }, `${format(before[key])} → ${format(after[key])}`);
+          }),
+        ),
+      ),
+    );
+  }
+
+  const METHOD_LABELS = {
+    gradcam: "Grad-CAM",
+    hirescam: "HiResCAM",
+    gradcampp: "Grad-CAM++",
+    xgradcam: "XGrad-CAM",
+    layercam: "LayerCAM",
+    random: "random",
+  };
+  const methodLabel = (name) => METHOD_LABELS[name] || name;
+
+  // The method selector, and the model card's table of mean ROAD per method and layer (if measured).
+  function applyMethods(gradcam) {
+    const methods = gradcam.methods || ["gradcam"];
+    const methodSelect = $("method");
+    const current = methodSelect.value || gradcam.default_method;
+    methodSelect.replaceChildren(...methods.map((name) => el("option", { value: name }, methodLabel(name))));
+    methodSelect.value = methods.includes(current) ? current : gradcam.default_method;
+
+    const table = gradcam.faithfulness;
+    $("faithfulness-section").hidden = !table;
+    if (!table) return;
+    $("faithfulness-help").textContent =
+      `Mean ROAD of each method's heatmap on ${table.images.toLocaleString("en-US")} test images ` +
+      `(higher is more faithful; a random heatmap scores about 0). Most faithful: ` +
+      `${methodLabel(table.best.method)} at ${table.best.layer}.`;
+    $("faithfulness-head").replaceChildren(
+      el("tr", {}, el("th", { scope: "col" }, "Method"), ...table.layers.map((layer) => el("th", { scope: "col" }, layer))),
+    );
+    $("faithfulness-body").replaceChildren(
+      ...Object.entries(table.road).map(([method, byLayer]) =>
+        el(
+          "tr",
+          {},
+          el("th", { scope: "row" }, methodLabel(method)),
+          ...table.layers.map((layer) => {
+            const best = method === table.best.method && layer === table.best.layer;
+            const error = table.standard_error?.[method]?.[layer];
+            return el(
+              "td",
+              { class: best ? "best" : null, title: error == null ? null : `± ${error.toFixed(3)} (standard error)` },
+              byLayer[layer] == null ? "–" : byLayer[layer].toFixed(3),
+            );
           }),
         ),
       ),
@@ -502,7 +551,9 @@
   function gradcamQuery() {
     const params = new URLSearchParams({ opacity: "0", format: "json" });
     if ($("layer").value) params.set("layer", $("layer").value);
+    if ($("method").value) params.set("method", $("method").value);
     if ($("target").value) params.set("target", $("target").value);
+    if ($("road-on").checked) params.set("faithfulness", "road");
     return params.toString();
   }
 
@@ -666,7 +717,7 @@
     const row = gradcamOn() && Array.isArray(state.gradcam) ? state.gradcam[index] : null;
     if (!row) return "";
     const explains = row.target === row.label ? "the predicted class" : `“${row.target}” (${pct(row.target_probability)})`;
-    return `Grad-CAM at ${row.layer} explains ${explains}. Bright yellow marks the strongest evidence.`;
+    return `${methodLabel(row.method)} at ${row.layer} explains ${explains}. Bright yellow marks the strongest evidence.`;
   }
 
   function overlayFigure(index) {
@@ -677,15 +728,22 @@
         "figure",
         {},
         overlayCanvas(row, {
-          "aria-label": `Grad-CAM overlay for ${state.images[index].name}: where ${row.layer} found evidence for “${row.target}”`,
+          "aria-label": `${methodLabel(row.method)} overlay for ${state.images[index].name}: where ${row.layer} found evidence for “${row.target}”`,
         }),
         el(
           "figcaption",
           { class: "legend" },
-          `Grad-CAM · ${row.layer} · “${row.target}”`,
+          `${methodLabel(row.method)} · ${row.layer} · “${row.target}”`,
           el("span", { class: "legend-bar", "aria-hidden": "true" }),
           el("span", { class: "legend-ends", "aria-hidden": "true" }, el("span", {}, "low"), el("span", {}, "high")),
         ),
+        row.road == null
+          ? null
+          : el(
+              "p",
+              { class: "road-score", title: "ROAD: higher means the probability depends more on the pixels ranked high" },
+              `ROAD faithfulness ${row.road.toFixed(3)}`,
+            ),
       );
     }
     return el(
@@ -708,7 +766,7 @@
   function syncGradcamControls() {
     const on = gradcamOn();
     $("gradcam-settings").disabled = !on;
-    for (const id of ["layer", "target", "opacity"]) $(id).disabled = !on;
+    for (const id of ["layer", "method", "target", "opacity", "road-on"]) $(id).disabled = !on;
   }
 
   // ---------------------------------------------------------------- misclassified gallery
@@ -794,6 +852,7 @@
           const params = new URLSearchParams({ opacity: "0", target }); // opacity 0: see gradcamQuery
           const layer = $("layer").value || state.defaultLayer;
           if (layer) params.set("layer", layer);
+          params.set("method", $("method").value || "gradcam");
           const form = new FormData();
           form.append("files", blob, `test-${item.test_index}.png`);
           return withPixels((await apiJson(`gradcam?${params}`, { method: "POST", body: form })).results[0]);
@@ -896,6 +955,8 @@
       runGradcam();
     });
     $("target").addEventListener("change", runGradcam);
+    $("method").addEventListener("change", runGradcam);
+    $("road-on").addEventListener("change", runGradcam);
     $("opacity").addEventListener("input", () => {
       $("opacity-value").textContent = `${Math.round(Number($("opacity").value) * 100)}%`;
       repaintOverlays();
