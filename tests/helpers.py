@@ -105,3 +105,16 @@ def grad_cam_by_hand(model: torch.nn.Module, x: torch.Tensor, layer: str, target
     cam = cam - cam.min()
     cam = cam / (cam.max() + 1e-7)
     return F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+
+
+def scrape(base: str) -> dict[tuple[str, frozenset], float]:
+    """One /metrics scrape, parsed by prometheus-client: (sample name, labels) -> value."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

@@ -33,9 +33,8 @@ import numpy as np
 import pytest
 import torch
 from harness import camserve, multipart_body
-from helpers import animation, encode, served_probabilities
+from helpers import animation, encode, scrape, served_probabilities
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from camcore.bundle import MISCLASSIFIED_DIR, load_bundle, write_bundle
 from camcore.preprocess import Normalize
@@ -318,15 +317,6 @@ def hang_up_after(address: tuple[str, int], head: bytes, body: bytes) -> None:
 
 
 # -- metrics and memory ---------------------------------------------------------------------------------
-def scrape(base: str) -> dict[tuple[str, frozenset], float]:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def metric(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 

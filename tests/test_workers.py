@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 import torch
 from harness import camserve
-from helpers import encode, random_image
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import encode, random_image, scrape
 
 from service.cpus import available_cpus, cgroup_cpu_quota
 from service.supervisor import worker_count
@@ -29,15 +28,6 @@ from service.worker import cpu_share, queue_share
 
 # Small batches keep start-up (trace, warm-up) short; fp32 so the two runs cannot pick differently.
 COMMON = {"precision": "fp32", "max_batch_size": "8", "log_requests": "false"}
-
-
-def scrape(base: str) -> dict[tuple[str, frozenset], float]:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def total(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
