@@ -16,6 +16,8 @@ import base64
 import binascii
 import inspect
 import json
+import os
+import signal
 from typing import Annotated, Any
 
 import numpy as np
@@ -304,6 +306,8 @@ async def load(request: Request, state: State, name: str) -> dict[str, Any]:
     except BundleError as exc:
         state.metrics.rejections.labels("reload_refused").inc()
         raise HTTPException(400, f"bundle refused, still serving {previous}: {exc}") from None
+    if state.worker is not None:  # one worker of several: the supervisor has every other worker reload too
+        os.kill(os.getppid(), signal.SIGHUP)
     return {"name": engine.bundle.name, "version": engine.bundle.version, "previous_version": previous}
 
 

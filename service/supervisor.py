@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,15 @@ class Supervisor(Multiprocess):
         self.metrics_dir = metrics_dir
         self.failed = False
         self.restarts = 0
+
+    def handle_hup(self) -> None:
+        """SIGHUP reloads the bundle in every worker in place (each verifies, warms and swaps it in between
+        batches, service/reload.py) instead of uvicorn's restart of every process: no worker stops serving,
+        and a bundle that fails verification leaves every worker on the model it had."""
+        log.info("SIGHUP: reloading the bundle in %d worker(s)", len(self.processes))
+        for process in self.processes:
+            if process.pid is not None and process.process.is_alive():  # no ping: never blocks
+                os.kill(process.pid, signal.SIGHUP)
 
     def keep_subprocess_alive(self) -> None:
         exiting = self.should_exit.is_set()

@@ -209,3 +209,40 @@ async def test_a_replaced_engine_is_freed(served, bundles):
     assert (await served.client.post(f"/v2/repository/models/{MODEL}/load")).status_code == 200
     gc.collect()
     assert first() is None
+
+
+def test_a_load_request_reloads_every_worker_of_a_multi_worker_service(bundles, tmp_path):
+    """With CAMSERVE_WORKERS=2 the load request reaches one worker; the supervisor has the other reload too."""
+    link = tmp_path / "current"
+    point(link, bundles.first)
+    settings = {"workers": "2", "precision": "fp32", "max_batch_size": "4", "log_requests": "false"}
+    with camserve(link, tmp_path / "server.log", **settings) as running:
+        base = running.base_url
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{base}/health", timeout=10).json()["workers"]["ready"] < 2:
+            assert time.monotonic() < deadline, "two workers never became ready"
+            time.sleep(0.2)
+
+        def versions(count: int = 16) -> set[str]:
+            """What fresh connections (spread over the workers by the kernel) are answered with."""
+            return {
+                httpx.post(f"{base}/predict", files=[("files", ("a.png", PNG))], timeout=60).json()["model_version"]
+                for _ in range(count)
+            }
+
+        first = versions()
+        assert len(first) == 1
+        point(link, bundles.second)
+        loaded = httpx.post(f"{base}/v2/repository/models/{MODEL}/load", timeout=120)
+        assert loaded.status_code == 200, loaded.text
+        new = loaded.json()["version"]
+        assert {new} != first
+        while versions() != {new}:  # the other worker swaps in the new bundle shortly after
+            assert time.monotonic() < deadline + 120, "a worker kept serving the old bundle"
+            time.sleep(0.2)
+        assert all(versions(32) == {new} for _ in range(2))
+        # The worker that was asked reloaded, then each worker again on the supervisor's SIGHUP: three swaps.
+        while running.log_path.read_text().count(" reloaded test-bundle: ") < 3:
+            assert time.monotonic() < deadline + 240, running.log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        assert running.process.poll() is None
