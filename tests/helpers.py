@@ -85,7 +85,7 @@ def served_probabilities(
 def grad_cam_by_hand(model: torch.nn.Module, x: torch.Tensor, layer: str, target: int) -> torch.Tensor:
     """Grad-CAM for one normalised image (1, 3, H, W), written out independently of camcore.cam: the
     gradient of the target's logit with respect to the layer's output (a hook keeps it), channels
-    weighted by its spatial mean, ReLU, min-max scaled to [0, 1], bilinear upsampling to (H, W)."""
+    weighted by its spatial mean, ReLU, min-max scaled to [0, 1], bilinear upsampling to (H, W), min-max again."""
     kept: dict[str, torch.Tensor] = {}
 
     def keep(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -104,7 +104,9 @@ def grad_cam_by_hand(model: torch.nn.Module, x: torch.Tensor, layer: str, target
     cam = torch.relu((gradients.mean(dim=(1, 2))[:, None, None] * activations).sum(0))
     cam = cam - cam.min()
     cam = cam / (cam.max() + 1e-7)
-    return F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    cam = F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    cam = cam - cam.min()  # min-max once more after upsampling, as pytorch-grad-cam's BaseCAM aggregates
+    return cam / (cam.max() + 1e-7)
 
 
 def scrape(base: str) -> dict[tuple[str, frozenset], float]:
