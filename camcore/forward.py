@@ -91,6 +91,13 @@ class ServedForward(nn.Module):
             temperature=bundle.temperature,
         )
 
+    def plain(self) -> ServedForward:
+        """The same network at the same precision without TTA views or temperature (what ROAD scores),
+        sharing this recipe's already cast weights instead of casting a second copy."""
+        plain = copy.copy(self)  # shallow: the submodules (and their weights) are shared
+        plain.tta, plain.temperature = "none", 1.0
+        return plain
+
     @property
     def views(self) -> int:
         return 2 if self.tta == "flip" else 1

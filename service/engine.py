@@ -80,7 +80,7 @@ class InferenceEngine:
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
         self.forward = ServedForward.from_bundle(bundle, precision=self.precision, tta=tta).eval()
         # ROAD scores the plain network (no TTA views, no temperature) at the serving precision.
-        self.plain_forward = ServedForward(self.model, bundle.mean, bundle.std, precision=self.precision).eval()
+        self.plain_forward = self.forward.plain()
         self.traced, self.trace_reason = self._trace() if trace else (None, "off (CAMSERVE_TRACE=false)")
 
     @property
