@@ -49,4 +49,6 @@ def image_to_uint8(image: Image.Image, size: int = 32) -> torch.Tensor:
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    # numpy, not torch, makes the channel-first copy: a torch op lets go of the GIL and must take it back,
+    # which costs a hand-over each time when this runs on a decode thread beside a busy event loop.
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from camcore.bundle import Bundle, load_bundle
+from service.auth import document_security
 from service.batcher import DynamicBatcher, ModelThreads
 from service.cpus import available_cpus
 from service.decoding import DecodeBusy, DecodeLimits, Decoder
@@ -26,6 +27,7 @@ from service.images import ImageRejected
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimit, BodyTimeout, BodyTooLarge, RelativeRedirects, RequestContext
 from service.oip import install_oip
+from service.oip import router as oip_router
 from service.reload import build_engine, install, pinned_batch, reload_model
 from service.routes import router
 from service.settings import Settings
@@ -226,6 +228,7 @@ def create_app(
     _error_handlers(app)
     app.include_router(router)
     install_oip(app)
+    document_security(app, [router, oip_router])
     mount_static(app)
     if settings.cors_origins:
         app.add_middleware(

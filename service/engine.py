@@ -12,6 +12,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from camcore.bundle import Bundle
@@ -160,8 +161,12 @@ class InferenceEngine:
         return traced, "on"
 
     # -- batch functions -------------------------------------------------------------------------
-    def predict(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Probabilities (softmax of the logits; with flip TTA, averaged over the two views) per image."""
+    def predict(self, images: list[torch.Tensor]) -> list[np.ndarray]:
+        """Probabilities (softmax of the logits; with flip TTA, averaged over the two views) per image.
+
+        Rows leave as numpy float32 arrays: what the event loop then does with them (top-k, JSON)
+        holds the GIL throughout, whereas every torch op there would let go of it and take it back,
+        a hand-over to a model or decode thread and back each time under load."""
         batch = torch.stack(images).to(self.device, non_blocking=True)
         with torch.inference_mode():
             if self.traced is None:
@@ -169,7 +174,7 @@ class InferenceEngine:
             else:
                 with torch.jit.optimized_execution(False):
                     probabilities = self.traced(batch)
-        return list(probabilities.cpu().unbind(0))
+        return list(probabilities.cpu().numpy())
 
     def gradcam(self, jobs: list[GradcamJob]) -> list[GradcamRow]:
         """One forward+backward per distinct layer in the batch (usually one), each image its own target

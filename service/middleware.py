@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,6 +27,19 @@ from service.metrics import ServiceMetrics
 
 access_log = logging.getLogger("camserve.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestIds:
+    """Ids for requests that bring none: unique without a syscall per request (``uuid4`` reads
+    ``os.urandom`` each time): a random prefix per app (each worker process builds its own), then a
+    counter."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"  # 32 hex digits, as uuid4().hex
 
 
 class BodyTooLarge(Exception):
@@ -44,6 +58,7 @@ class RequestContext:
         self.app = app
         self.metrics = metrics
         self.log_requests = log_requests
+        self.ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,7 +66,7 @@ class RequestContext:
             return
         started = time.perf_counter()
         given = _header(scope, b"x-request-id")
-        request_id = given if given and _SAFE_ID.match(given) else uuid.uuid4().hex
+        request_id = given if given and _SAFE_ID.match(given) else self.ids.next()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500

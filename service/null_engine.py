@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from camcore.bundle import Bundle
@@ -38,10 +39,10 @@ class NullEngine:
         means = images.float().mean(dim=(2, 3)) / 255  # (N, 3)
         return (means @ self._mix * 4).softmax(1)
 
-    def predict(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    def predict(self, images: list[torch.Tensor]) -> list[np.ndarray]:
         if self.batch_s:
             time.sleep(self.batch_s)
-        return list(self._probabilities(torch.stack(images)).unbind(0))
+        return list(self._probabilities(torch.stack(images)).numpy())
 
     def gradcam(self, jobs: list[GradcamJob]) -> list[GradcamRow]:
         if self.batch_s:

@@ -54,7 +54,7 @@ from service.oip_wire import (
     split_bytes_elements,
 )
 from service.reload import pin, reload_model
-from service.routes import _run, get_state, require_api_key
+from service.routes import AuthorizedState, PredictState, _run, get_state
 from service.state import ServiceState
 
 PREFIX = "/v2"
@@ -64,7 +64,6 @@ EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"])
 State = Annotated[ServiceState, Depends(get_state)]
-Authorized = Depends(require_api_key)
 
 
 def _serving(state: ServiceState, name: str, version: str | None = None) -> InferenceEngine:
@@ -191,8 +190,8 @@ def _pixel_input(tensor: RequestInput, max_images: int) -> list[torch.Tensor]:
         if values.dtype.kind not in "iu" or values.min() < 0 or values.max() > 255:
             raise WireError("input 'pixels': 'data' must be integers 0..255")
         array = values.astype(np.uint8)
-    images = torch.from_numpy(array.reshape(count, SIZE, SIZE, 3).copy()).permute(0, 3, 1, 2).contiguous()
-    return list(images.unbind(0))
+    channels_first = np.ascontiguousarray(array.reshape(count, SIZE, SIZE, 3).transpose(0, 3, 1, 2))
+    return list(torch.from_numpy(channels_first))
 
 
 async def _images(infer: InferRequest, state: ServiceState) -> list[torch.Tensor]:
@@ -221,7 +220,6 @@ async def _read_request(request: Request) -> InferRequest:
 
 @router.post(
     "/models/{name}/infer",
-    dependencies=[Authorized],
     response_model=None,
     responses={
         200: {
@@ -234,10 +232,8 @@ async def _read_request(request: Request) -> InferRequest:
     openapi_extra=INFER_REQUEST_BODY,
     summary="Class probabilities and labels",
 )
-@router.post(
-    "/models/{name}/versions/{version}/infer", dependencies=[Authorized], response_model=None, include_in_schema=False
-)
-async def infer(request: Request, state: State, name: str, version: str | None = None) -> Response:
+@router.post("/models/{name}/versions/{version}/infer", response_model=None, include_in_schema=False)
+async def infer(request: Request, state: PredictState, name: str, version: str | None = None) -> Response:
     engine = _serving(state, name, version)  # this request is answered by this model, even if another is loaded
     try:
         infer_request = await _read_request(request)
@@ -255,7 +251,7 @@ async def infer(request: Request, state: State, name: str, version: str | None =
         raise HTTPException(400, str(exc)) from None
     request.state.images = len(images)
     rows = await _run(state, state.predict_batcher, pin(engine, images))
-    probabilities = torch.stack(rows).numpy()
+    probabilities = np.stack(rows)
     classes = engine.bundle.classes
     tensors = {
         "probabilities": float32_output("probabilities", probabilities),
@@ -273,24 +269,22 @@ async def infer(request: Request, state: State, name: str, version: str | None =
 # -- model repository extension: hot reload ------------------------------------------------------------
 @router.post(
     "/repository/index",
-    dependencies=[Authorized],
     response_model=list[RepositoryModel],
     responses=errors(401, 408, 413, 503),
     summary="The model this server serves",
 )
-async def repository_index(state: State) -> list[dict[str, str]]:
+async def repository_index(state: AuthorizedState) -> list[dict[str, str]]:
     bundle = state.engine.bundle
     return [{"name": bundle.name, "version": bundle.version, "state": "READY", "reason": ""}]
 
 
 @router.post(
     "/repository/models/{name}/load",
-    dependencies=[Authorized],
     response_model=LoadResult,
     responses=errors(400, 401, 404, 408, 413, 503),
     summary="Reload the bundle at CAMSERVE_MODEL_DIR: verified, warmed, then swapped in between batches",
 )
-async def load(request: Request, state: State, name: str) -> dict[str, Any]:
+async def load(request: Request, state: AuthorizedState, name: str) -> dict[str, Any]:
     _serving(state, name)
     body = await request.body()
     if body.strip():

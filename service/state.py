@@ -7,6 +7,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from camcore.bundle import Bundle
@@ -28,7 +29,7 @@ class ServiceState:
     bundle: Bundle | None = None
     engine: InferenceEngine | NullEngine | None = None  # the one new requests are pinned to (service.reload)
     # Payloads are service.reload.Pinned[torch.Tensor] and Pinned[GradcamJob].
-    predict_batcher: DynamicBatcher[Any, torch.Tensor] | None = None
+    predict_batcher: DynamicBatcher[Any, np.ndarray] | None = None  # rows: probabilities
     gradcam_batcher: DynamicBatcher[Any, GradcamRow] | None = None
     executor: Executor | None = None  # the model threads: batches, and reloads' build and warm-up
     device: torch.device | None = None
