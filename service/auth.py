@@ -3,7 +3,7 @@
 The key is checked by a plain function, :func:`authorize`, that the endpoints' one dependency calls,
 not by FastAPI's ``Security`` dependencies: those add two dependency nodes to every request
 (``APIKeyHeader``, ``HTTPBearer``), and FastAPI's dependency solving was the largest part of a
-single-image ``/predict``'s front that camserve controls (bench/results/front_profile_gil.md). The
+single-image ``/predict``'s front that camserve controls (bench/results/bounds.md, section 4). The
 schemes stay FastAPI's for the documentation: :func:`document_security` lists them in the OpenAPI
 document and marks every operation whose dependencies check the key, so ``/docs``' Authorize button
 sends it as before.
