@@ -300,7 +300,14 @@ class _Handoff:
                 self._running += 1
                 self._unstarted += 1
         if start:
-            self._pool.submit(self._drain)
+            try:
+                self._pool.submit(self._drain)
+            except RuntimeError:  # the pool is shut down: the service is stopping
+                with self._lock:
+                    self._running -= 1
+                    self._unstarted -= 1
+                    self._queue.remove(job)
+                raise
         return job.future
 
     # -- on a decode thread ----------------------------------------------------------------------

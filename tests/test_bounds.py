@@ -260,6 +260,48 @@ def test_concurrent_decodes_wait_for_the_budget_then_get_503(server: Server) -> 
     assert metric(server, "camserve_rejections_total", reason="decode_busy") - busy_before == len(busy)
 
 
+def test_grouped_decoding_gives_each_request_its_own_images_and_errors() -> None:
+    """Decode threads take requests in groups (service.decoding._Handoff): under a burst of requests
+    at once, each still gets its own images in its own order, a corrupt file fails its request alone,
+    and a request cancelled while it waits leaves the others and the budget untouched."""
+    decoder = Decoder(
+        DecodeLimits(max_pixels=10**6, max_frames=10, max_image_bytes=16 * MiB, max_request_bytes=64 * MiB, wait_s=5),
+        threads=2,
+        budget_bytes=256 * MiB,
+    )
+
+    def solid(request: int, index: int) -> tuple[str, bytes]:
+        colour = (request * 5 % 256, index * 60, 255 - request * 5 % 256)
+        return f"{request}-{index}.png", encode(Image.new("RGB", (32, 32), colour), "PNG")
+
+    requests = [[solid(r, i) for i in range(1 + r % 3)] for r in range(48)]
+    corrupt = {7, 30}
+    for r in corrupt:
+        requests[r][-1] = (requests[r][-1][0], b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+
+    async def burst() -> tuple[list, bool]:
+        tasks = [asyncio.ensure_future(decoder.decode(files)) for files in requests]
+        cancelled = asyncio.ensure_future(decoder.decode([solid(99, 0)]))
+        cancelled.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.2)  # let the threads finish whatever they took
+        return outcomes, cancelled.cancelled()
+
+    try:
+        outcomes, was_cancelled = asyncio.run(burst())
+    finally:
+        decoder.shutdown()
+    assert was_cancelled
+    for r, (files, outcome) in enumerate(zip(requests, outcomes, strict=True)):
+        if r in corrupt:
+            assert isinstance(outcome, ImageRejected) and outcome.filename == files[-1][0], outcome
+            continue
+        assert [tuple(image[:, 0, 0].tolist()) for image in outcome] == [
+            (r * 5 % 256, i * 60, 255 - r * 5 % 256) for i in range(len(files))
+        ]
+    assert decoder.budget.in_use == 0
+
+
 def test_the_budget_is_never_exceeded_by_concurrent_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
     """In process: every decode is watched, and the reserved total never passes the budget."""
     import service.decoding as decoding
