@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the service package, from a plain checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from front_bench import cpu_seconds, server_pids
+from front_bench import cpu_model, cpu_seconds, server_pids
 from harness import camserve, multipart_body, require_hey, run_hey
 
 from camcore.bundle import load_bundle
@@ -115,7 +115,7 @@ def main() -> None:
                 before = after
     record = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -155,13 +155,6 @@ def report(record: dict) -> str:
         f"{'met' if extra <= TARGET_EXTRA_US else 'not met'}).",
     ]
     return "\n".join(lines)
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import socket
 import subprocess
@@ -44,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the service package, from a plain checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from floor_apps import APPS
-from front_bench import BOUNDARY, REPO, cifar_png, cpu_seconds, free_port, multipart, server, server_pids
+from front_bench import BOUNDARY, REPO, cifar_png, cpu_model, cpu_seconds, free_port, multipart, server, server_pids
 from harness import Body, log_tail, parse_hey, require_hey
 
 from camcore.bundle import load_bundle
@@ -208,7 +207,7 @@ def main() -> None:
     print("[model] batch 32", flush=True)
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpu": platform.processor() or _cpu_name(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "command": "flock -x /tmp/camserve-cpu.lock .venv/bin/python bench/http_floor.py",
@@ -221,13 +220,6 @@ def main() -> None:
     markdown = report(result)
     args.output.with_suffix(".md").write_text(markdown)
     print(markdown)
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":
