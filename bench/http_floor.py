@@ -42,12 +42,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the service package, from a plain checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from c32_ratio import Ceiling
 from floor_apps import APPS
 from front_bench import BOUNDARY, REPO, cifar_png, cpu_model, cpu_seconds, free_port, multipart, server, server_pids
 from harness import Body, log_tail, parse_hey, require_hey
 
-from camcore.bundle import load_bundle
-from camcore.forward import ServedForward
 from service.images import decode_image
 
 RESULTS = REPO / "bench" / "results"
@@ -57,24 +56,13 @@ TARGET_RATIO = 0.73  # issue 16: /predict c=32 >= 0.73 x the bare model's batch-
 
 def model_cost(model_dir: Path, precision: str, seconds: float) -> dict:
     """The bare model at batch 32: images/s and CPU microseconds per image (all of torch's threads)."""
-    bundle = load_bundle(model_dir)
-    bundle.model.to(memory_format=torch.channels_last)
-    forward = ServedForward.from_bundle(bundle, precision=precision).eval()
-    image = decode_image(cifar_png(), "a.png", max_pixels=1 << 20)
-    batch = torch.stack([image] * 32)
-    with torch.inference_mode():
-        for _ in range(5):
-            forward(batch)
-        started, cpu_started, batches = time.perf_counter(), time.process_time(), 0
-        while time.perf_counter() - started < seconds:
-            forward(batch)
-            batches += 1
-        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    ceiling = Ceiling(model_dir, precision, decode_image(cifar_png(), "a.png", max_pixels=1 << 20))
+    measured = ceiling.measure(seconds)
     return {
         "precision": precision,
         "torch_threads": torch.get_num_threads(),
-        "images_per_s": round(32 * batches / wall, 1),
-        "cpu_us_per_image": round(cpu * 1e6 / (32 * batches), 1),
+        "images_per_s": round(measured["images_per_s"], 1),
+        "cpu_us_per_image": round(measured["cpu_us_per_image"], 1),
     }
 
 

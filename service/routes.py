@@ -98,8 +98,7 @@ def admitted(kind: Literal["predict", "gradcam"]) -> Any:
 
     @checks_key
     async def dependency(request: Request) -> ServiceState:
-        state = await get_state(request)
-        authorize(state, request.headers)
+        state = await authorized_state(request)
         admit(state, kind)
         return state
 
