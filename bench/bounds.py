@@ -48,9 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MODEL_DIR = ROOT / "models" / "cifar10-resnet"
 PYTHON = sys.executable
-NO_TRIM = "import service.decoding as d; d._LIBC = None; from service.__main__ import main; main()"
+NO_TRIM = "import service.decoding.budget as d; d._LIBC = None; from service.__main__ import main; main()"
 H11 = (
-    "import service.protocol as p; bounds = p.uvicorn_bounds; "
+    "import service.http.connection as p; bounds = p.uvicorn_bounds; "
     "p.uvicorn_bounds = lambda s: {**bounds(s), 'http': 'h11', 'h11_max_incomplete_event_size': s.max_header_bytes}; "
     "from service.__main__ import main; main()"
 )
@@ -96,7 +96,7 @@ def _peak_rss_bytes() -> int:
 
 def measure_one(path: Path) -> dict:
     """In a fresh process: probe, then decode once after a warm-up, and report the decode's peak."""
-    from service.images import decode_image, decode_probed, probe_image
+    from service.decoding.probe import decode_image, decode_probed, probe_image
 
     for mode, fmt in (("RGB", "JPEG"), ("RGBA", "PNG")):  # first-use costs (torch, codecs) out of the figure
         warm = io.BytesIO()
@@ -277,7 +277,7 @@ def allocator(args: argparse.Namespace) -> dict:
 def allocator_one(mode: str, kind: str) -> dict:
     import ctypes
 
-    from service.images import decode_image
+    from service.decoding.probe import decode_image
 
     libc = ctypes.CDLL("libc.so.6")
     if mode == "mmap4":

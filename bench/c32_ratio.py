@@ -40,7 +40,7 @@ from harness import camserve, multipart_body, require_hey, run_hey
 
 from camcore.bundle import load_bundle
 from camcore.forward import ServedForward
-from service.images import decode_image
+from service.decoding.probe import decode_image
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"

@@ -2,7 +2,7 @@
 
 For a seeded sample of the test set, every method of :mod:`camcore.cam_methods` at every layer makes
 the heatmap the service would answer (its precision, its test-time augmentation, the predicted class
-as target: :meth:`service.engine.InferenceEngine.gradcam`, the same code as ``/gradcam``), and ROAD
+as target: :meth:`service.inference.torch_engine.TorchEngine.gradcam`, the same code as ``/gradcam``), and ROAD
 (:mod:`camcore.road`, the score ``/gradcam?faithfulness=road`` returns) scores it. A row of random
 heatmaps (uniform noise at each layer's resolution, upsampled and scaled like a CAM) gives the
 scale: what a heatmap that knows nothing scores.
@@ -41,7 +41,8 @@ from camcore.cam import to_heatmaps  # noqa: E402
 from camcore.cam_methods import METHODS  # noqa: E402
 from camcore.network import block_geometry  # noqa: E402
 from camcore.road import PERCENTILES, road_scores  # noqa: E402
-from service.engine import GradcamJob, InferenceEngine  # noqa: E402
+from service.inference.jobs import GradcamJob  # noqa: E402
+from service.inference.torch_engine import TorchEngine  # noqa: E402
 from training import data  # noqa: E402
 
 RANDOM = "random"
@@ -68,7 +69,7 @@ def sample_test_images(data_dir: Path, count: int, seed: int) -> torch.Tensor:
     return test.images[order.sort().values]
 
 
-def score_batch(engine: InferenceEngine, images: torch.Tensor, layer: str, size: int, seed: int) -> dict[str, list]:
+def score_batch(engine: TorchEngine, images: torch.Tensor, layer: str, size: int, seed: int) -> dict[str, list]:
     """ROAD of every method's heatmap, and of a random one, for one batch at one layer."""
     jobs = [GradcamJob(image, layer, None, method, road=True) for method in METHODS for image in images]
     rows = engine.gradcam(jobs)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = load_bundle(args.model_dir)
     # Batch 32 (CAMSERVE_MAX_BATCH_SIZE's default) is what the service times its precision choice at.
-    engine = InferenceEngine(bundle, torch.device("cpu"), args.precision, 32, trace=False, tta=args.tta)
+    engine = TorchEngine(bundle, torch.device("cpu"), args.precision, 32, trace=False, tta=args.tta)
     images = sample_test_images(args.data_dir, args.images, args.seed)
     geometry = {row.name: row.output_size for row in block_geometry(bundle.model)}
     layers = list(geometry)

@@ -6,7 +6,7 @@ One camserve (``python -m service``, its own precision and TTA choice) on loopba
 then a timed run. The methods run in the order gradcam, hirescam, gradcampp, xgradcam, layercam,
 gradcam again, so a drift of the machine during the run shows as a gap between the two Grad-CAM
 points; every method is compared with their mean. Then ``method=gradcam&faithfulness=road``.
-In process: :meth:`InferenceEngine.gradcam` on a batch of 16 real images, with and without ROAD,
+In process: :meth:`TorchEngine.gradcam` on a batch of 16 real images, with and without ROAD,
 best of a few runs: the model work per image, which the HTTP figures include under load.
 
     flock -x /tmp/camserve-cpu.lock .venv/bin/python bench/cam_methods.py            # ~2 minutes
@@ -38,7 +38,8 @@ import serve_bench as sb
 from camcore.bundle import load_bundle
 from camcore.cam_methods import METHODS
 from camcore.preprocess import image_to_uint8
-from service.engine import GradcamJob, InferenceEngine
+from service.inference.jobs import GradcamJob
+from service.inference.torch_engine import TorchEngine
 
 RESULTS = sb.RESULTS / "cam_methods"
 
@@ -56,9 +57,9 @@ def hey_gradcam(plan: sb.Plan, server: sb.Server, query: str, body: sb.Body, con
 
 
 def in_process(model_dir: Path, precision: str, images: list[torch.Tensor], repeats: int) -> dict:
-    """Seconds per image of :meth:`InferenceEngine.gradcam` on one batch, per method and with ROAD."""
+    """Seconds per image of :meth:`TorchEngine.gradcam` on one batch, per method and with ROAD."""
     bundle = load_bundle(model_dir)
-    engine = InferenceEngine(bundle, torch.device("cpu"), precision, len(images), trace=False, tta="flip")
+    engine = TorchEngine(bundle, torch.device("cpu"), precision, len(images), trace=False, tta="flip")
     layer = bundle.default_cam_layer
 
     def best(jobs: list[GradcamJob]) -> float:
@@ -111,7 +112,7 @@ def markdown(record: dict) -> str:
         f"per image against {1000 / baseline:.0f} ms without: {road['extra_ms_per_image']:.0f} ms more per image, "
         f"{road['cost_ratio']:.1f}x the cost of plain `/gradcam`.",
         "",
-        f"## In process: `InferenceEngine.gradcam`, a batch of {record['in_process']['batch']} real images, "
+        f"## In process: `TorchEngine.gradcam`, a batch of {record['in_process']['batch']} real images, "
         f"`{record['in_process']['layer']}`, best of {record['repeats']}",
         "",
         "| method | ms per image |",

@@ -47,7 +47,7 @@ from floor_apps import APPS
 from front_bench import BOUNDARY, REPO, cifar_png, cpu_model, cpu_seconds, free_port, multipart, server, server_pids
 from harness import Body, log_tail, parse_hey, require_hey
 
-from service.images import decode_image
+from service.decoding.probe import decode_image
 
 RESULTS = REPO / "bench" / "results"
 TARGET_EXTRA_US = 250  # issue 16: server CPU per image <= the bare model's + 250 us

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from camcore.bundle import load_bundle
 from camcore.forward import AUTOCAST_DTYPES, ServedForward
-from service.images import decode_image
+from service.decoding.probe import decode_image
 
 MAX_IMAGE_PIXELS = 25_000_000  # camserve's default limit
 TOP_K = 3  # camserve's default top_k

@@ -68,8 +68,8 @@ from serve_report import write_reports
 
 from camcore.bundle import load_bundle
 from camcore.forward import AUTOCAST_DTYPES, ServedForward
-from service.engine import resolve_device
-from service.images import decode_image
+from service.decoding.probe import decode_image
+from service.inference.torch_engine import resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

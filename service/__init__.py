@@ -1,7 +1,5 @@
-"""camserve's HTTP service: FastAPI app, dynamic batcher, engine and web page, on :mod:`camcore`."""
+"""camserve's HTTP service on :mod:`camcore`, in rooms by job (each room's ``__init__`` says what it holds).
 
-from __future__ import annotations
-
-from service.app import create_app
-
-__all__ = ["create_app"]
+Imports nothing: ``python -m service`` and every worker process import this package first, and they
+must reach their health checks before torch and the app are loaded.
+"""

@@ -1,4 +1,9 @@
-"""The FastAPI application: factory, lifespan, and the wiring of model, batchers and routes."""
+"""The app factory: composes the JSON API and the Open Inference Protocol on the HTTP layer, and the
+lifespan that loads the model, starts the batchers and drains them at the end.
+
+Adding an endpoint that queues images: its handler (a module of :mod:`service.api` or
+:mod:`service.oip`) and one :class:`BatcherRegistration` in :data:`BATCHERS`.
+"""
 
 from __future__ import annotations
 
@@ -9,33 +14,46 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
 from camcore.bundle import Bundle, load_bundle
-from service.auth import document_security
-from service.batcher import DynamicBatcher, ModelThreads
-from service.cpus import available_cpus
-from service.decoding import DecodeBusy, DecodeLimits, Decoder
-from service.engine import resolve_device
-from service.images import ImageRejected
+from service.api.page import mount_static
+from service.api.routes import ROUTERS as API_ROUTERS
+from service.decoding.pool import DecodeLimits, Decoder
+from service.http.auth import document_security
+from service.http.errors import install_error_handlers
+from service.http.middleware import BodyLimit, RelativeRedirects, RequestContext, SecurityHeaders
+from service.inference.batcher import DynamicBatcher, ModelThreads
+from service.inference.contract import BatchFunction, run_gradcam, run_predict
+from service.inference.cpus import available_cpus
+from service.inference.registry import EngineRegistry, pinned_batch
+from service.inference.torch_engine import resolve_device
 from service.metrics import ServiceMetrics
-from service.middleware import BodyLimit, BodyTimeout, BodyTooLarge, RelativeRedirects, RequestContext
-from service.oip import install_oip
-from service.oip import router as oip_router
-from service.reload import build_engine, install, pinned_batch, reload_model
-from service.routes import router
+from service.oip.routes import ROUTERS as OIP_ROUTERS
 from service.settings import Settings
-from service.state import ServiceState
-from service.web import mount_static
-from service.worker import WorkerSlot
+from service.state import ServiceState, WorkerView
 
 log = logging.getLogger("camserve")
+
+
+@dataclass(frozen=True)
+class BatcherRegistration:
+    """A dynamic batcher: its name (what handlers submit to), its metrics label, and what runs a batch."""
+
+    name: str
+    endpoint: str
+    run: BatchFunction
+
+
+BATCHERS = (
+    BatcherRegistration("predict", "/predict", run_predict),  # also the protocol's infer
+    BatcherRegistration("gradcam", "/gradcam", run_gradcam),
+)
 
 
 def parallelism(settings: Settings, device: torch.device, cpus: int | None = None) -> tuple[int, int | None]:
@@ -46,7 +64,7 @@ def parallelism(settings: Settings, device: torch.device, cpus: int | None = Non
     (one lane of 2 threads left ~20% of both cores idle at c=32, measured in
     bench/results/serve_tuning.md). On a GPU, one lane: its kernels queue on one stream anyway.
     ``cpus``: what this process may use (a worker's share); default: the affinity mask capped by the
-    cgroup CPU quota (service/cpus.py), so a container limited to 2 CPUs on a 64-core node counts 2.
+    cgroup CPU quota (service/inference/cpus.py), so a container limited to 2 CPUs on a 64-core node counts 2.
     """
     cores = cpus if cpus is not None else available_cpus()
     threads = settings.torch_threads
@@ -81,7 +99,7 @@ def _reload_on_sighup(state: ServiceState) -> Callable[[], None]:
 
     async def reload_logged() -> None:
         try:
-            await reload_model(state)
+            await state.registry.reload()
         except Exception as exc:  # a bad bundle: the old one keeps serving, the operator reads why here
             log.error("SIGHUP reload refused, still serving %s: %s", state.bundle.version[:12], exc)
 
@@ -107,30 +125,25 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
         if threads:
             torch.set_num_threads(threads)
         bundle = preloaded or await run_in_threadpool(load_bundle, settings.model_dir)
-        # The model threads ("lanes"), shared by both endpoints: at most `lanes` batches at once.
+        # The model threads ("lanes"), shared by every batcher: at most `lanes` batches at once.
         executor = ModelThreads(max_workers=lanes)
-        loop = asyncio.get_running_loop()
-        engine = await loop.run_in_executor(executor, build_engine, bundle, settings, device)
-        state.executor, state.device = executor, device
-        common = {
-            "executor": executor,
-            "max_batch_size": settings.max_batch_size,
-            "max_wait_ms": settings.max_wait_ms,
-            "queue_size": settings.queue_size,
-            "lanes": lanes,
-        }
-        state.predict_batcher = DynamicBatcher(
-            "predict", pinned_batch("predict"), on_batch=state.metrics.batch_observer("/predict"), **common
-        )
-        state.gradcam_batcher = DynamicBatcher(
-            "gradcam", pinned_batch("gradcam"), on_batch=state.metrics.batch_observer("/gradcam"), **common
-        )
-        for name, batcher in (("/predict", state.predict_batcher), ("/gradcam", state.gradcam_batcher)):
-            state.metrics.track_queue_depth(name, lambda b=batcher: b.depth)
+        engine = await state.registry.start(bundle, device, executor)
+        for registration in BATCHERS:
+            batcher = DynamicBatcher(
+                registration.name,
+                pinned_batch(registration.run),
+                on_batch=state.metrics.batch_observer(registration.endpoint),
+                executor=executor,
+                max_batch_size=settings.max_batch_size,
+                max_wait_ms=settings.max_wait_ms,
+                queue_size=settings.queue_size,
+                lanes=lanes,
+            )
+            state.batchers[registration.name] = batcher
+            state.metrics.track_queue_depth(registration.endpoint, lambda b=batcher: b.depth)
             batcher.start()
         state.decoder = decoder(settings)
         state.metrics.track_decode_memory(lambda: state.decoder.budget.in_use)
-        install(state, bundle, engine)
         state.lanes, state.torch_threads = lanes, torch.get_num_threads()
         # Everything loaded so far (torch, the app, the model) lives as long as the process: moved out
         # of the collector's sight, a full collection no longer walks it. Under load at c=32 those
@@ -150,7 +163,7 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
             state.torch_threads,
             engine.trace_reason,
         )
-        del engine, bundle  # state.engine is the one serving from now on: a reload must be able to free these
+        del engine, bundle  # the registry holds the one serving from now on: a reload must be able to free these
         hangup = _reload_on_sighup(state)
         try:
             yield
@@ -159,8 +172,8 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
             # Uvicorn has stopped accepting and finished open requests; drain whatever is queued.
             state.ready = False
             state.draining = True
-            await state.predict_batcher.stop(settings.request_timeout_s)
-            await state.gradcam_batcher.stop(settings.request_timeout_s)
+            for batcher in state.batchers.values():
+                await batcher.stop(settings.request_timeout_s)
             executor.shutdown(wait=True)
             state.decoder.shutdown()
             gc.unfreeze()  # an app torn down in a longer-lived process (tests) can be collected again
@@ -169,53 +182,15 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
     return lifespan
 
 
-def _error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ImageRejected)
-    async def image_rejected(request: Request, exc: ImageRejected) -> JSONResponse:
-        app.state.camserve.metrics.rejections.labels(f"image_{exc.status_code}").inc()
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
-
-    @app.exception_handler(DecodeBusy)
-    async def decode_busy(request: Request, exc: DecodeBusy) -> JSONResponse:
-        state: ServiceState = app.state.camserve
-        state.metrics.rejections.labels("decode_busy").inc()
-        return JSONResponse(
-            {"detail": str(exc)}, status_code=503, headers={"Retry-After": str(state.settings.retry_after_s)}
-        )
-
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        app.state.camserve.metrics.rejections.labels("body_too_large").inc()
-        return JSONResponse({"detail": str(exc)}, status_code=413, headers={"Connection": "close"})
-
-    @app.exception_handler(BodyTimeout)
-    async def body_timeout(request: Request, exc: BodyTimeout) -> JSONResponse:
-        app.state.camserve.metrics.rejections.labels("slow_body").inc()
-        return JSONResponse({"detail": str(exc)}, status_code=408, headers={"Connection": "close"})
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
-        # The client hung up before its body arrived: nobody to answer, and no server error (no 500,
-        # no traceback). 499 is nginx's "client closed request": it is what metrics and the log record.
-        app.state.camserve.metrics.rejections.labels("client_disconnected").inc()
-        return Response(status_code=499)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        request_id = request.scope.get("state", {}).get("request_id", "")
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); request id {request_id}"}, 500)
-
-
 def create_app(
     settings: Settings | None = None,
     bundle: Bundle | None = None,
     *,
     cpus: int | None = None,
-    worker: WorkerSlot | None = None,
+    worker: WorkerView | None = None,
 ) -> FastAPI:
     """Build the service. ``bundle`` lets a caller that already loaded (and validated) it skip a reload;
-    ``cpus`` and ``worker``: one worker process of several (service/worker.py)."""
+    ``cpus`` and ``worker``: one worker process of several (service/runtime/worker_app.py)."""
     settings = settings or Settings()
     metrics = ServiceMetrics(multiprocess_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") if worker else None)
     app = FastAPI(
@@ -224,11 +199,12 @@ def create_app(
         version="0.1.0",
         lifespan=_lifespan(bundle, cpus),
     )
-    app.state.camserve = ServiceState(settings=settings, metrics=metrics, worker=worker)
-    _error_handlers(app)
-    app.include_router(router)
-    install_oip(app)
-    document_security(app, [router, oip_router])
+    registry = EngineRegistry(settings, on_install=metrics.model_installed)
+    app.state.camserve = ServiceState(settings=settings, metrics=metrics, registry=registry, worker=worker)
+    install_error_handlers(app, metrics, settings.retry_after_s)
+    for router in (*API_ROUTERS, *OIP_ROUTERS):
+        app.include_router(router)
+    document_security(app, [*API_ROUTERS, *OIP_ROUTERS])
     mount_static(app)
     if settings.cors_origins:
         app.add_middleware(
@@ -239,5 +215,6 @@ def create_app(
         )
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(RelativeRedirects)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestContext, metrics=metrics, log_requests=settings.log_requests)
     return app

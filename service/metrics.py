@@ -12,11 +12,16 @@ same model at the same precision, chosen once by the supervisor).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from service.batcher import BatchStats
+from service.inference.batcher import BatchStats
+
+if TYPE_CHECKING:
+    from camcore.bundle import Bundle
+    from service.inference.contract import Engine
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
@@ -67,6 +72,11 @@ class ServiceMetrics:
             self.exposed = CollectorRegistry()
             MultiProcessCollector(self.exposed, path=multiprocess_dir)
             self.exposed.register(self.model)
+
+    def model_installed(self, bundle: Bundle, engine: Engine) -> None:
+        """The model now serving (on start-up and after every reload)."""
+        info = {"name": bundle.name, "version": bundle.version, "precision": engine.precision}
+        self.model.info({**info, "device": engine.device_name})
 
     def track_queue_depth(self, endpoint: str, depth: Callable[[], int]) -> None:
         if self.multiprocess:  # set_function is invisible to other processes: pushed instead

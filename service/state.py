@@ -1,23 +1,30 @@
-"""What the routes need from the running service: created by the app factory, filled in by its lifespan."""
+"""What the HTTP rooms need from the running service: created by the app factory, filled in by its lifespan."""
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from camcore.bundle import Bundle
-from service.batcher import DynamicBatcher
-from service.decoding import Decoder
-from service.engine import GradcamRow, InferenceEngine
+from service.decoding.pool import Decoder
+from service.inference.batcher import DynamicBatcher
+from service.inference.contract import Engine
+from service.inference.registry import EngineRegistry
 from service.metrics import ServiceMetrics
-from service.null_engine import NullEngine
 from service.settings import Settings
-from service.worker import WorkerSlot
+
+
+class WorkerView(Protocol):
+    """One worker process of several, as the app sees it (``service.runtime.slots.WorkerSlot``)."""
+
+    total_queue_size: int
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def ask_others_to_reload(self) -> None: ...
 
 
 @dataclass
@@ -26,19 +33,46 @@ class ServiceState:
 
     settings: Settings
     metrics: ServiceMetrics
-    bundle: Bundle | None = None
-    engine: InferenceEngine | NullEngine | None = None  # the one new requests are pinned to (service.reload)
-    # Payloads are service.reload.Pinned[torch.Tensor] and Pinned[GradcamJob].
-    predict_batcher: DynamicBatcher[Any, np.ndarray] | None = None  # rows: probabilities
-    gradcam_batcher: DynamicBatcher[Any, GradcamRow] | None = None
-    executor: Executor | None = None  # the model threads: batches, and reloads' build and warm-up
-    device: torch.device | None = None
-    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reload at a time
+    registry: EngineRegistry
+    # One batcher per endpoint that queues images, by name ("predict", "gradcam"); payloads are
+    # service.inference.registry.Pinned jobs.
+    batchers: dict[str, DynamicBatcher[Any, Any]] = field(default_factory=dict)
     decoder: Decoder | None = None  # decode threads and this process's decode memory budget
-    misclassified: list[dict] = field(default_factory=list)
-    layers: list[dict] = field(default_factory=list)  # Grad-CAM targets and their geometry, for /health
     lanes: int = 1  # batches that can run at once, each on its own model thread
     torch_threads: int = 1  # intra-op threads per batch
     ready: bool = False
     draining: bool = False
-    worker: WorkerSlot | None = None  # one worker process of several (CAMSERVE_WORKERS > 1); None: the only one
+    worker: WorkerView | None = None  # one worker process of several (CAMSERVE_WORKERS > 1); None: the only one
+
+    # -- what serves now (service.inference.registry.Serving), read once per request -----------------
+    @property
+    def engine(self) -> Engine | None:
+        return self.registry.current.engine if self.registry.current else None
+
+    @property
+    def bundle(self) -> Bundle | None:
+        return self.registry.current.bundle if self.registry.current else None
+
+    @property
+    def misclassified(self) -> list[dict]:
+        return self.registry.current.misclassified if self.registry.current else []
+
+    @property
+    def layers(self) -> list[dict]:
+        return self.registry.current.layers if self.registry.current else []
+
+    @property
+    def executor(self) -> Executor | None:
+        return self.registry.executor
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.registry.device
+
+    @property
+    def predict_batcher(self) -> DynamicBatcher[Any, Any]:
+        return self.batchers["predict"]
+
+    @property
+    def gradcam_batcher(self) -> DynamicBatcher[Any, Any]:
+        return self.batchers["gradcam"]

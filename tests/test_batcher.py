@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batcher import BatchFailed, BatchStats, DynamicBatcher, ModelThreads, QueueFull, ShuttingDown
+from service.inference.batcher import BatchFailed, BatchStats, DynamicBatcher, ModelThreads, QueueFull, ShuttingDown
 
 
 class FakeModel:

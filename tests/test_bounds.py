@@ -29,8 +29,9 @@ from helpers import encode, random_image
 from PIL import Image
 
 from service.app import create_app
-from service.decoding import DecodeBusy, DecodeLimits, Decoder, MemoryBudget
-from service.images import ImageRejected, probe_image
+from service.decoding.budget import DecodeBusy, MemoryBudget
+from service.decoding.pool import DecodeLimits, Decoder
+from service.decoding.probe import ImageRejected, probe_image
 from service.settings import Settings
 
 MiB = 2**20
@@ -261,7 +262,7 @@ def test_concurrent_decodes_wait_for_the_budget_then_get_503(server: Server) -> 
 
 
 def test_grouped_decoding_gives_each_request_its_own_images_and_errors() -> None:
-    """Decode threads take requests in groups (service.decoding._Handoff): under a burst of requests
+    """Decode threads take requests in groups (service.decoding.handoff.Handoff): under a burst of requests
     at once, each still gets its own images in its own order, a corrupt file fails its request alone,
     and a request cancelled while it waits leaves the others and the budget untouched."""
     decoder = Decoder(
@@ -304,7 +305,7 @@ def test_grouped_decoding_gives_each_request_its_own_images_and_errors() -> None
 
 def test_the_budget_is_never_exceeded_by_concurrent_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
     """In process: every decode is watched, and the reserved total never passes the budget."""
-    import service.decoding as decoding
+    import service.decoding.pool as decoding
 
     image = encode(gradient(600, 600), "WEBP", lossless=True)
     peak = probe_image(image, "one.webp", max_pixels=10**8).peak_bytes  # 5.8 MiB

@@ -28,8 +28,8 @@ from camcore.calibration import (
 )
 from camcore.forward import ServedForward, in_batches
 from camcore.preprocess import image_to_uint8
+from service.api.schemas import Health
 from service.app import create_app
-from service.schemas import Health
 from service.settings import Settings
 from training import data
 from training.calibration import SplitMismatch, calibrate_bundle, calibration_record
@@ -317,7 +317,7 @@ async def test_health_reports_calibration_and_the_served_accuracy_after_it(tiny_
 
 
 def test_a_bundle_without_calibration_reports_none(bundle_dir: Path):
-    from service.routes import calibration_info, served_test_accuracy
+    from service.api.routes import calibration_info, served_test_accuracy
 
     meta = load_bundle(bundle_dir).metadata
     assert calibration_info(meta) is None

@@ -1,6 +1,6 @@
 """Property-based fuzzing of the decoding path (issue 7).
 
-The promise in :mod:`service.images`: whatever bytes a client sends end either as a (3, 32, 32)
+The promise in :mod:`service.decoding.probe`: whatever bytes a client sends end either as a (3, 32, 32)
 uint8 tensor or as an :class:`ImageRejected` carrying a 4xx and naming the file, so a hostile
 upload can never become a 500. Hypothesis tests it on random bytes, on real JPEG, PNG, GIF, WebP
 and BMP files cut short or with bytes overwritten, inserted or deleted (biased towards the headers,
@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from service.app import create_app
-from service.images import ImageRejected, decode_image
+from service.decoding.probe import ImageRejected, decode_image
 from service.settings import Settings
 
 # Mutated EXIF blocks make Pillow warn while it reads them; expected here, and not a failure.

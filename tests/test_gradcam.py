@@ -12,7 +12,7 @@ import torch
 from camcore.bundle import load_bundle
 from camcore.cam import class_activation_maps
 from camcore.forward import ServedForward
-from service.render import colorize, overlay
+from service.api.render import colorize, overlay
 
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402

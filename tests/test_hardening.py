@@ -38,7 +38,7 @@ from PIL import Image
 
 from camcore.bundle import MISCLASSIFIED_DIR, load_bundle, write_bundle
 from camcore.preprocess import Normalize
-from service.images import decode_image
+from service.decoding.probe import decode_image
 
 pytestmark = pytest.mark.slow
 

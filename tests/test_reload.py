@@ -22,7 +22,7 @@ from helpers import encode, make_bundle, random_image
 
 from camcore.bundle import WEIGHTS_FILE
 from service.app import create_app
-from service.reload import Pinned, pinned_batch
+from service.inference.registry import Pinned, pinned_batch
 from service.settings import Settings
 
 MODEL = "test-bundle"

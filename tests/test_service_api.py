@@ -24,7 +24,8 @@ from camcore.cam import class_activation_maps
 from camcore.forward import ServedForward
 from camcore.preprocess import Normalize, image_to_uint8
 from service.app import create_app, parallelism
-from service.engine import GradcamJob, InferenceEngine
+from service.inference.jobs import GradcamJob
+from service.inference.torch_engine import TorchEngine
 from service.settings import Settings
 
 CORES = len(os.sched_getaffinity(0))
@@ -179,7 +180,7 @@ async def test_predict_accepts_every_supported_kind(client, name, make):
 
 
 async def test_sixteen_bit_images_are_scaled_not_clipped(app):
-    from service.images import decode_image
+    from service.decoding.probe import decode_image
 
     half = Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16))
     decoded = decode_image(encode(half), "deep.png", max_pixels=10_000)
@@ -187,7 +188,7 @@ async def test_sixteen_bit_images_are_scaled_not_clipped(app):
 
 
 async def test_exif_orientation_is_honoured():
-    from service.images import decode_image
+    from service.decoding.probe import decode_image
 
     image = Image.new("RGB", (64, 32), (0, 0, 0))
     image.paste((255, 255, 255), (0, 0, 32, 32))  # left half white
@@ -264,7 +265,7 @@ async def test_animation_within_the_frame_cap_is_answered_from_its_first_frame(c
 
 
 def test_decode_image_frame_cap():
-    from service.images import ImageRejected, decode_image
+    from service.decoding.probe import ImageRejected, decode_image
 
     data, first = animation(5)
     with pytest.raises(ImageRejected) as refused:
@@ -277,7 +278,7 @@ def test_decode_image_frame_cap():
 
 
 def test_gif_frame_count_matches_pillow_and_stops_at_the_limit():
-    from service.images import decode_image, gif_frames
+    from service.decoding.probe import decode_image, gif_frames
 
     for count in (1, 2, 7, 40):
         data, _ = animation(count, seed=count)
@@ -433,7 +434,7 @@ async def test_predict_runs_one_traced_call_with_eager_modes_numbers(app):
 def test_bf16_weights_cast_once_give_autocasts_numbers_bit_for_bit(bundle_dir: Path):
     """The engine stores conv/linear weights in bf16 instead of autocast casting them every call."""
     bundle = load_bundle(bundle_dir)
-    engine = InferenceEngine(bundle, torch.device("cpu"), "bf16", batch_size=4, trace=True, tta="flip")
+    engine = TorchEngine(bundle, torch.device("cpu"), "bf16", batch_size=4, trace=True, tta="flip")
     assert {p.dtype for p in engine.forward.model.parameters()} == {torch.bfloat16, torch.float32}
     assert {p.dtype for p in bundle.model.parameters()} == {torch.float32}  # the bundle's copy is left alone
     generator = torch.Generator().manual_seed(0)

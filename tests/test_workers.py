@@ -22,9 +22,9 @@ import torch
 from harness import camserve
 from helpers import encode, random_image, scrape
 
-from service.cpus import available_cpus, cgroup_cpu_quota
-from service.supervisor import worker_count
-from service.worker import cpu_share, queue_share
+from service.inference.cpus import available_cpus, cgroup_cpu_quota
+from service.runtime.slots import cpu_share, queue_share
+from service.runtime.supervisor import worker_count
 
 # Small batches keep start-up (trace, warm-up) short; fp32 so the two runs cannot pick differently.
 COMMON = {"precision": "fp32", "max_batch_size": "8", "log_requests": "false"}

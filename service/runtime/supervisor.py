@@ -36,12 +36,12 @@ from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.supervisors.multiprocess import Multiprocess
 
 from camcore.bundle import Bundle
+from service.runtime.slots import RUN_DIR_ENV, reloaded_already
 from service.settings import Settings
-from service.worker import RUN_DIR_ENV
 
 log = logging.getLogger("camserve.supervisor")
 
-WORKER_APP = "service.worker_app:create_worker_app"
+WORKER_APP = "service.runtime.worker_app:create_worker_app"
 MAX_AUTO_WORKERS = 8
 HEALTHCHECK_TIMEOUT_S = 30  # a worker importing torch on a loaded machine answers its first ping late
 EXIT_WORKER_FAILED = 1
@@ -59,9 +59,9 @@ def decide_precision(settings: Settings, bundle: Bundle) -> tuple[str, str | Non
     """The precision every worker serves at, and why; timed here once when it is ``auto``."""
     if settings.precision != "auto" or settings.engine == "null":
         return settings.precision, None
-    from service.engine import InferenceEngine, resolve_device
+    from service.inference.torch_engine import TorchEngine, resolve_device
 
-    engine = InferenceEngine(
+    engine = TorchEngine(
         bundle, resolve_device(settings.device), "auto", settings.max_batch_size, trace=False, tta=settings.tta
     )
     return engine.precision, f"{engine.precision_reason} (timed once by the supervisor for every worker)"
@@ -70,19 +70,23 @@ def decide_precision(settings: Settings, bundle: Bundle) -> tuple[str, str | Non
 class Supervisor(Multiprocess):
     """uvicorn's supervisor, plus: metrics bookkeeping for dead workers, and a failure exit status."""
 
-    def __init__(self, config: uvicorn.Config, sockets: list, metrics_dir: Path) -> None:
+    def __init__(self, config: uvicorn.Config, sockets: list, run_dir: Path) -> None:
         super().__init__(config, sockets)
-        self.metrics_dir = metrics_dir
+        self.run_dir = run_dir
+        self.metrics_dir = run_dir / "metrics"
         self.failed = False
         self.restarts = 0
 
     def handle_hup(self) -> None:
         """SIGHUP reloads the bundle in every worker in place (each verifies, warms and swaps it in between
-        batches, service/reload.py) instead of uvicorn's restart of every process: no worker stops serving,
-        and a bundle that fails verification leaves every worker on the model it had."""
-        log.info("SIGHUP: reloading the bundle in %d worker(s)", len(self.processes))
-        for process in self.processes:
-            if process.pid is not None and process.process.is_alive():  # no ping: never blocks
+        batches, service/inference/registry.py) instead of uvicorn's restart of every process: no worker stops
+        serving, and a bundle that fails verification leaves every worker on the model it had. A worker that
+        asked for this SIGHUP after a load request has reloaded already and is skipped."""
+        skip = reloaded_already(self.run_dir)
+        targets = [p for p in self.processes if p.pid is not None and p.pid not in skip]
+        log.info("SIGHUP: reloading the bundle in %d worker(s)", len(targets))
+        for process in targets:
+            if process.process.is_alive():  # no ping: never blocks
                 os.kill(process.pid, signal.SIGHUP)
 
     def keep_subprocess_alive(self) -> None:
@@ -125,7 +129,7 @@ def serve_workers(settings: Settings, bundle: Bundle, workers: int, make_config:
         )
         socket = config.bind_socket()
         log.info("%d workers on %s:%d, precision %s", workers, settings.host, settings.port, precision)
-        supervisor = Supervisor(config, [socket], run_dir / "metrics")
+        supervisor = Supervisor(config, [socket], run_dir)
         supervisor.run()
         socket.close()
         return EXIT_WORKER_FAILED if supervisor.failed else 0

@@ -14,7 +14,7 @@ from email.message import Message
 
 from fastapi import Request
 
-from service.uploads import MULTIPART_OPENAPI
+from service.http.uploads import MULTIPART_OPENAPI
 
 DEFAULT_NAME = "image"
 RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif")

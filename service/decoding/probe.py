@@ -5,7 +5,7 @@ Decoding is two steps so that its cost is known before any pixel is decoded:
 * :func:`probe_image` reads only the header (and, for a JPEG, picks the reduced scale libjpeg will
   decode at) and says what decoding will cost: the pixels times bands times bytes per sample that
   will be decoded (the unit of the per-image and per-request budgets) and the memory the decode
-  will peak at (what :mod:`service.decoding` reserves from the process's decode budget);
+  will peak at (what :mod:`service.decoding.pool` reserves from the process's decode budget);
 * :func:`decode_probed` decodes, shrinks by an integer factor in the image's own mode while it is
   still big (Pillow's ``reduce``), then converts and resizes the small image.
 
@@ -268,7 +268,7 @@ def decode_image(
     size: int = 32,
 ) -> torch.Tensor:
     """Probe and decode one upload on the calling thread (benchmarks, tests; the service goes through
-    :mod:`service.decoding`, which prices every file of a request before decoding any)."""
+    :mod:`service.decoding.pool`, which prices every file of a request before decoding any)."""
     probe = probe_image(
         data, filename, max_pixels=max_pixels, max_frames=max_frames, max_decoded_bytes=max_decoded_bytes, size=size
     )

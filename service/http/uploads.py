@@ -1,4 +1,4 @@
-"""Reading the ``files`` field of a multipart upload, with limits; decoding is :mod:`service.decoding`'s."""
+"""Reading the ``files`` field of a multipart upload, with limits; decoding is :mod:`service.decoding.pool`'s."""
 
 from __future__ import annotations
 

@@ -1,15 +1,23 @@
-"""The web page's assets: ``service/static`` served at ``/static`` (the page itself is ``GET /``)."""
+"""The web page: ``GET /`` and its assets, ``service/static`` served at ``/static``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.routing import Mount
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 STATIC_PATH = "/static"
+
+router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html")
 
 
 def mount_static(app: FastAPI) -> None:

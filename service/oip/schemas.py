@@ -1,7 +1,7 @@
 """The Open Inference Protocol's JSON shapes, for ``/openapi.json`` (and so ``/docs`` and schemathesis).
 
 Written from kserve's ``docs/predict-api/v2/required_api.md`` and Triton's model repository
-extension. The handlers in :mod:`service.oip` parse requests themselves (the binary extension puts
+extension. The handlers in :mod:`service.oip.routes` parse requests themselves (the binary extension puts
 raw bytes after the JSON, which no JSON schema describes), so :data:`INFER_REQUEST_BODY` documents
 the JSON form only.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+from service.http.errors import error_responses
 
 
 class ProtocolError(BaseModel):
@@ -128,15 +130,5 @@ INFER_REQUEST_BODY: dict[str, Any] = {
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The protocol's error answers for ``responses=``."""
-    text = {
-        400: "a malformed request, a bad tensor (datatype, shape, size, framing, undecodable bytes), a refused bundle",
-        401: "missing or wrong API key (when one is configured)",
-        404: "no such model (or version)",
-        408: "request body arrived too slowly",
-        413: "body or image count over the limit",
-        415: "an unsupported image type, or a compressed request",
-        503: "not ready, queue full or draining; retry after Retry-After seconds",
-        504: "waited longer than the request timeout",
-    }
-    return {code: {"model": ProtocolError, "description": text[code]} for code in codes}
+    """The protocol's error answers for ``responses=`` (descriptions shared with the JSON API)."""
+    return error_responses(ProtocolError, *codes)

@@ -1,6 +1,6 @@
 """The app of one worker process: uvicorn's factory, the worker's slot claimed and published.
 
-Apart from :mod:`service.worker` (slots and shares) so that the app, which knows its slot, and the
+Apart from :mod:`service.runtime.slots` (slots and shares) so that the app, which knows its slot, and the
 factory, which builds the app, do not import each other.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 from fastapi import FastAPI
 from uvicorn.config import STARTUP_FAILURE
 
+from service.runtime.slots import RUN_DIR_ENV, WorkerSlot, read_service
 from service.settings import Settings
-from service.worker import RUN_DIR_ENV, WorkerSlot, read_service
 
 
 def _publishing_lifespan(app: FastAPI, slot: WorkerSlot, precision_reason: str | None):
@@ -39,7 +39,7 @@ def _publishing_lifespan(app: FastAPI, slot: WorkerSlot, precision_reason: str |
 
 
 def create_worker_app() -> FastAPI:
-    """uvicorn's app factory in each worker process (``service.worker_app:create_worker_app``).
+    """uvicorn's app factory in each worker process (``service.runtime.worker_app:create_worker_app``).
 
     A factory that fails would fail the same way in every replacement: it exits with uvicorn's
     STARTUP_FAILURE status, on which the supervisor stops the service instead of restarting forever.
@@ -53,9 +53,9 @@ def create_worker_app() -> FastAPI:
 
 def _worker_app() -> FastAPI:
     from service.app import create_app  # torch and the app load here, in the worker, not at import
-    from service.cpus import available_cpus
-    from service.logs import configure_logging
-    from service.protocol import uvicorn_bounds
+    from service.http.connection import uvicorn_bounds
+    from service.inference.cpus import available_cpus
+    from service.runtime.logs import configure_logging
 
     settings = Settings()
     configure_logging(settings)

@@ -1,6 +1,7 @@
-"""The model on its device: precision choice, warm-up, and the batch functions the batchers call.
+"""The torch engine (:class:`service.inference.contract.Engine`): the model on its device, precision
+choice, warm-up, and the batch functions the batchers call.
 
-Everything here runs on the model threads (see :mod:`service.batcher`), never on the event loop;
+Everything here runs on the model threads (see :mod:`service.inference.batcher`), never on the event loop;
 with two lanes two batches run at once, so nothing here keeps per-batch state on the engine (and
 Grad-CAM splits the network by block rather than hooking it).
 """
@@ -10,37 +11,19 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from camcore.bundle import Bundle
 from camcore.cam import class_activation_maps
-from camcore.cam_methods import DEFAULT_METHOD
 from camcore.forward import AUTOCAST_DTYPES, Precision, ServedForward, TestTimeAugmentation
 from camcore.road import road_scores
+from service.inference.jobs import GradcamJob, GradcamRow
 
 log = logging.getLogger("camserve.engine")
 
 MIN_AGREEMENT = 0.995  # top-1 agreement with fp32 on the test set a faster mode must keep
-
-
-@dataclass(frozen=True)
-class GradcamJob:
-    image: torch.Tensor  # uint8 (3, H, W)
-    layer: str
-    target: int | None  # None: explain the predicted class
-    method: str = DEFAULT_METHOD  # a name in camcore.cam_methods.METHODS
-    road: bool = False  # also score the heatmap's faithfulness (ROAD: 18 more forward passes)
-
-
-@dataclass(frozen=True)
-class GradcamRow:
-    heatmap: torch.Tensor  # float32 (H, W)
-    probabilities: torch.Tensor  # float32 (classes,)
-    target: int
-    road: float | None = None  # the heatmap's ROAD score, when the job asked for it
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -60,8 +43,8 @@ def low_precision_modes(device: torch.device) -> list[str]:
     return ["bf16"]
 
 
-class InferenceEngine:
-    """One bundle on one device at its serving precision: the batch functions the batchers call."""
+class TorchEngine:
+    """One bundle on one device at its serving precision, in torch: the batch functions the batchers call."""
 
     def __init__(
         self,
@@ -83,6 +66,10 @@ class InferenceEngine:
         # ROAD scores the plain network (no TTA views, no temperature) at the serving precision.
         self.plain_forward = self.forward.plain()
         self.traced, self.trace_reason = self._trace() if trace else (None, "off (CAMSERVE_TRACE=false)")
+
+    @property
+    def compiled(self) -> bool:
+        return self.traced is not None
 
     @property
     def device_name(self) -> str:

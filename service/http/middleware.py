@@ -4,6 +4,8 @@
   counts it in Prometheus and writes one JSON log line per request.
 * :class:`BodyLimit`: refuses bodies over the limit from ``Content-Length`` before reading a byte,
   caps streamed (chunked) bodies while they arrive, and gives a slow sender a deadline.
+* :class:`SecurityHeaders`: ``X-Content-Type-Options: nosniff`` and a framing refusal on every answer, and
+  on the web page a Content-Security-Policy that allows only its own scripts, styles and images.
 * :class:`RelativeRedirects`: a redirect's ``Location`` carries no host. Starlette builds it absolute
   from the request's ``Host`` header (``GET /static`` -> ``http://<Host>/static/``), which reflects
   whatever a client sent; a relative one means the same to every browser and reflects nothing.
@@ -23,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.http.error_shape import error_body
 from service.metrics import ServiceMetrics
 
 access_log = logging.getLogger("camserve.access")
@@ -114,7 +117,7 @@ class BodyLimit:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
             message = f"request body of {declared} bytes exceeds the limit of {self.max_bytes}"
-            await _json_error(send, 413, message, key=_error_key(scope))
+            await _json_error(send, 413, error_body(scope["path"], message))
             return
         received = 0
         deadline = time.monotonic() + self.timeout_s
@@ -136,6 +139,46 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+# The page loads only its own script and stylesheet, and draws overlays from data: URLs and blobs.
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+# JSON, PNG and metrics answers are never documents to render: nothing may load or frame them.
+API_POLICY = "default-src 'none'; frame-ancestors 'none'"
+# FastAPI's /docs and /redoc pages run inline scripts of their own: framing refused, nothing else changed.
+DOCS_PATHS = ("/docs", "/redoc")
+
+
+class SecurityHeaders:
+    """Headers that tell a browser how to treat every answer (OWASP's secure headers for an API and a page)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path == "/":
+            policy: bytes | None = PAGE_POLICY.encode()
+        elif path.startswith(DOCS_PATHS) or path.startswith("/static/"):
+            policy = None
+        else:
+            policy = API_POLICY.encode()
+        extra = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
+        if policy is not None:
+            extra.append((b"content-security-policy", policy))
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class RelativeRedirects:
@@ -178,7 +221,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def _error_key(scope: Scope) -> str:
-    """The Open Inference Protocol's paths (service.oip) answer errors as ``{"error": ...}``."""
+    """The Open Inference Protocol's paths (service.oip.routes) answer errors as ``{"error": ...}``."""
     return "error" if scope["path"].startswith("/v2/") else "detail"
 
 

@@ -1,6 +1,6 @@
 """One of N worker processes (``CAMSERVE_WORKERS`` > 1): its slot and its share.
 
-Each worker is a full replica (model, lanes, batchers) started by :mod:`service.supervisor` through
+Each worker is a full replica (model, lanes, batchers) started by :mod:`service.runtime.supervisor` through
 uvicorn's multiprocess supervisor, which calls :func:`service.worker_app.create_worker_app` in the
 child. What makes
 the N replicas one service lives in the supervisor's private run directory:
@@ -11,7 +11,8 @@ the N replicas one service lives in the supervisor's private run directory:
 * ``slots/<i>.json``: the slot's pid and status (``loading``, ``ready``, ``draining``), for
   ``/health`` and ``/readyz``;
 * ``service.json``: what the supervisor decided once for all workers (count, precision);
-* ``metrics/``: prometheus-client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``).
+* ``metrics/``: prometheus-client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``);
+* ``reloads/<pid>``: a worker that reloaded for a load request and asks the others to (SIGHUP).
 """
 
 from __future__ import annotations
@@ -19,11 +20,23 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 RUN_DIR_ENV = "CAMSERVE_SUPERVISOR_DIR"  # set by the supervisor for its workers only; not a setting
+RELOADS = "reloads"  # <run dir>/reloads/<pid>: workers that reloaded already, for the next SIGHUP to skip
+
+
+def reloaded_already(run_dir: Path) -> set[int]:
+    """The pids that asked for the pending SIGHUP (and reloaded themselves); their requests removed."""
+    pids = set()
+    for request in (run_dir / RELOADS).glob("*"):
+        if request.name.isdecimal():
+            pids.add(int(request.name))
+        request.unlink(missing_ok=True)
+    return pids
 
 
 def queue_share(total: int, count: int, index: int) -> int:
@@ -96,6 +109,16 @@ class WorkerSlot:
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(record))
         temporary.replace(path)
+
+    def ask_others_to_reload(self) -> None:
+        """After this worker reloaded for a load request: have the supervisor reload every other worker.
+
+        This worker's pid goes into ``reloads/`` first, so the supervisor's SIGHUP skips it: one load
+        request reloads each worker exactly once."""
+        requests = self.run_dir / RELOADS
+        requests.mkdir(exist_ok=True)
+        (requests / str(os.getpid())).touch()
+        os.kill(os.getppid(), signal.SIGHUP)
 
     def describe(self) -> dict[str, Any]:
         """The service as every worker sees it: each slot that has a live process, and its status."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from service.http.errors import error_responses
+
 
 class ClassScore(BaseModel):
     label: str = Field(examples=["cat"])
@@ -216,3 +218,7 @@ class ValidationErrorResponse(BaseModel):
     """422: the service's own checks send a message; FastAPI's parameter validation sends a list."""
 
     detail: str | list[FieldError]
+
+
+# The error answers of the JSON API's routes, for ``responses=``.
+ERRORS = error_responses(ErrorResponse, 400, 401, 408, 413, 415, 422, 503, 504, c422=ValidationErrorResponse)

@@ -1,5 +1,5 @@
-"""uvicorn's httptools protocol with the bounds it lacks: header size and count, and deadlines for
-connections that send nothing or never finish their headers; a client that half-closes is answered.
+"""The HTTP/1.1 connection: uvicorn's httptools protocol with the bounds it lacks: header size and count,
+and deadlines for connections that send nothing or never finish their headers; a client that half-closes is answered.
 
 What plain uvicorn 0.54 does (read from ``uvicorn/protocols/http/httptools_impl.py``, and measured):
 
@@ -30,7 +30,6 @@ are class attributes set once per process by :func:`uvicorn_bounds`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from service.http.error_shape import error_body
 from service.settings import Settings
 
 log = logging.getLogger("camserve.http")
@@ -92,7 +92,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, detail: str) -> None:
         log.debug("%s from %s: %s", status, self.client, detail)
-        body = json.dumps({"detail": detail}).encode()
+        body = error_body(self._path(), detail)
         head = [
             STATUS_LINE[status],
             b"content-type: application/json\r\n",
@@ -101,6 +101,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         ]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+    def _path(self) -> str:
+        """The path of the request being refused, as far as it arrived (its error shape depends on it)."""
+        url = getattr(self, "url", b"") or b""
+        return url.split(b"?", 1)[0].decode("latin-1")
 
     # -- protocol interface ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

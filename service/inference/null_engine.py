@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from camcore.bundle import Bundle
-from service.engine import GradcamJob, GradcamRow
+from service.inference.jobs import GradcamJob, GradcamRow
 
 
 class NullEngine:
-    """The attributes and batch functions of :class:`service.engine.InferenceEngine`, without its work."""
+    """The attributes and batch functions of :class:`service.inference.torch_engine.TorchEngine`, without its work."""
 
     device_name = "null"
     precision = "fp32"

@@ -7,7 +7,7 @@ tensors are serialised element by element, each a 4-byte little-endian length an
 tensors are their little-endian values, row-major. Answers use the same layout for the outputs a
 client asked to get in binary (``parameters.binary_data`` per output, or ``binary_data_output`` for all).
 
-Everything here is model-agnostic: :mod:`service.oip` maps tensors to images and rows to tensors.
+Everything here is model-agnostic: :mod:`service.oip.routes` maps tensors to images and rows to tensors.
 Every malformed request ends as :class:`WireError` (HTTP 400), never as another exception.
 References: kserve ``docs/predict-api/v2/required_api.md``, triton ``docs/protocol/extension_binary_data.md``.
 """

@@ -1,0 +1,1 @@
+"""Runtime: the entry point, the supervisor of worker processes, their slots, and logging."""
