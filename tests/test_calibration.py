@@ -317,7 +317,7 @@ async def test_health_reports_calibration_and_the_served_accuracy_after_it(tiny_
 
 
 def test_a_bundle_without_calibration_reports_none(bundle_dir: Path):
-    from service.api.routes import calibration_info, served_test_accuracy
+    from service.api.health import calibration_info, served_test_accuracy
 
     meta = load_bundle(bundle_dir).metadata
     assert calibration_info(meta) is None

@@ -124,7 +124,7 @@ def test_serving_needs_nothing_that_only_training_installs(package):
 
 def test_no_import_cycles_among_the_projects_modules():
     graph = {module: project_imports(module) for module in MODULES}
-    assert graph["service.api.routes"] >= {"service.state", "service.inference.batcher"}  # the graph is really read
+    assert graph["service.http.admission"] >= {"service.state", "service.inference.batcher"}  # the graph is really read
     try:
         tuple(TopologicalSorter(graph).static_order())
     except CycleError as exc:
@@ -140,3 +140,78 @@ def test_benchmarks_never_import_the_tests():
         names |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert not {name.split(".")[0] for name in names} & (test_modules | {"tests"}), path.name
         assert '"tests"' not in path.read_text(), f"{path.name} reaches into tests/"
+
+
+# service/'s rooms, lowest first: a module may import only from its own room or a lower floor, and the
+# rooms on one floor never import each other.
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("service.settings",),
+    ("service.inference", "service.decoding"),
+    ("service.metrics",),
+    ("service.state",),
+    ("service.http",),
+    ("service.api", "service.oip"),
+    ("service.app",),
+    ("service.runtime",),
+    ("service.__main__",),
+)
+WEB_FRAMEWORKS = {"fastapi", "starlette", "uvicorn", "httptools", "multipart", "python_multipart", "h11"}
+HTTP_ROOMS = ("service.http", "service.api", "service.oip", "service.app", "service.runtime")
+
+
+def room_of(module: str) -> tuple[int, str]:
+    for floor, rooms in enumerate(FLOORS):
+        for room in rooms:
+            if module == room or module.startswith(room + "."):
+                return floor, room
+    raise AssertionError(f"{module} is in no room of FLOORS: give it one")
+
+
+def test_every_service_module_has_a_room():
+    for module in MODULES:
+        if module.startswith("service.") and MODULES[module].name != "__init__.py":
+            room_of(module)
+
+
+def test_no_room_imports_a_higher_one_or_a_neighbour():
+    graph = {module: project_imports(module) for module in MODULES if module.startswith("service.")}
+    assert "service.inference.registry" in graph["service.state"]  # the graph is really read
+    broken = []
+    for module, imports in graph.items():
+        if MODULES[module].name == "__init__.py":
+            continue
+        floor, room = room_of(module)
+        for imported in imports:
+            if not imported.startswith("service.") or MODULES[imported].name == "__init__.py":
+                continue
+            their_floor, their_room = room_of(imported)
+            if their_floor > floor or (their_floor == floor and their_room != room):
+                broken.append(f"{module} ({room}) imports {imported} ({their_room})")
+    assert not broken, "\n".join(broken)
+
+
+@pytest.mark.parametrize("package", ["camcore", "service.inference", "service.decoding"])
+def test_inference_decoding_and_camcore_know_no_http(package):
+    users = top_levels(package.split(".")[0])
+    inside = {m for m in MODULES if m == package or m.startswith(package + ".")}
+    web = {name: sorted(users[name] & inside) for name in WEB_FRAMEWORKS & set(users) if users[name] & inside}
+    assert not web, f"{package} imports a web framework: {web}"
+    rooms = {
+        module: sorted(i for i in project_imports(module) if i.startswith(HTTP_ROOMS))
+        for module in inside
+        if any(i.startswith(HTTP_ROOMS) for i in project_imports(module))
+    }
+    assert not rooms, f"{package} imports the HTTP rooms: {rooms}"
+
+
+def test_the_house_stays_small():
+    """At most 8 modules directly in service/, and no module of the three packages over 350 lines."""
+    top = sorted(path.name for path in (ROOT / "service").glob("*.py"))
+    assert len(top) <= 8, top
+    long = {
+        str(path.relative_to(ROOT)): n
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > 350
+    }
+    assert not long, f"modules over 350 lines: {long}"

@@ -6,8 +6,8 @@ memory budget per process.
   refused with 413 before any pixel of the request is decoded.
 * Decoding runs on a small pool of decode threads, never on the event loop, whatever the file's size.
   Requests reach the threads in groups (:class:`service.decoding.handoff.Handoff`): a thread hop per
-  request costs far more than its own work on a busy 2-core machine, because each one is a round of GIL hand-overs between
-  the event loop and a decode thread (bench/results/bounds.md, section 4).
+  request costs far more than its own work on a busy 2-core machine, because each one is a round of GIL
+  hand-overs between the event loop and a decode thread (bench/results/bounds.md, section 4).
 * Each decode reserves its expected peak memory from a :class:`MemoryBudget` shared by every request
   of the process. A request whose next image does not fit waits up to ``wait_s`` for room, then gets
   :class:`DecodeBusy` (503 with ``Retry-After``).
