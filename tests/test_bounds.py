@@ -483,13 +483,17 @@ def test_a_keep_alive_connection_is_closed_when_idle(server: Server) -> None:
 
 
 def test_the_connection_cap_refuses_with_503_then_recovers(bundle_dir: Path, tmp_path: Path) -> None:
-    """Past ``MAX_CONNECTIONS`` open connections every request gets uvicorn's 503; the silent ones that
+    """Past ``MAX_CONNECTIONS`` open connections every request gets a 503 in the error shape of its path; the silent ones that
     hold the places are closed at the idle deadline, and then honest clients are served again."""
     with serve(bundle_dir, tmp_path / "capped.log", max_connections="4") as capped:
         holders = [socket.create_connection(capped.address, timeout=LONG_S) for _ in range(4)]
         try:
             refused = raw_exchange(capped, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
             assert refused.startswith(b"HTTP/1.1 503"), refused
+            # The service's own error shape and Retry-After, not uvicorn's plain text (one error path).
+            assert b"retry-after: 1\r\n" in refused.lower() and b'{"detail": "too many connections' in refused
+            protocol = raw_exchange(capped, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert protocol.startswith(b"HTTP/1.1 503") and b'{"error": "too many connections' in protocol, protocol
             for sock in holders:
                 assert closed_after(sock)[0] == b""
         finally:

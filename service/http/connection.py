@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httptools
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.http.error_shape import error_body
@@ -49,6 +50,7 @@ class HttpLimits:
     max_headers: int
     header_timeout_s: float  # from a request's first byte to the end of its headers
     idle_timeout_s: float  # a connection without a request in progress
+    retry_after_s: int = 1  # sent with the connection cap's 503
 
 
 class HeadersTooLarge(Exception):
@@ -106,6 +108,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """The path of the request being refused, as far as it arrived (its error shape depends on it)."""
         url = getattr(self, "url", b"") or b""
         return url.split(b"?", 1)[0].decode("latin-1")
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn answers a request over the connection cap with its own plain-text 503; ours is the
+        # service's error shape, with Retry-After, like every other 503.
+        if app is service_unavailable:
+            app = self._over_capacity
+        super()._start_asgi_task(cycle, app)
+
+    async def _over_capacity(self, scope: Any, receive: Any, send: Any) -> None:
+        body = error_body(scope["path"], "too many connections: the server is at its connection limit")
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(self.limits.retry_after_s).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     # -- protocol interface ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -189,6 +209,7 @@ def uvicorn_bounds(settings: Settings) -> dict[str, Any]:
         max_headers=settings.max_headers,
         header_timeout_s=settings.header_timeout_s,
         idle_timeout_s=settings.idle_timeout_s,
+        retry_after_s=settings.retry_after_s,
     )
     return {
         "http": BoundedHttpToolsProtocol,
