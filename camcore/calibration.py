@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from camcore.forward import view_mean_probabilities
+
 ECE_BINS = 15  # Guo et al.'s choice, and what the issue's figures use
 # The range T is searched in. A held-out set the model gets all right (or all wrong) has no finite
 # optimum: its NLL keeps falling as T -> 0 (or infinity); such a fit stops at a bound instead.
@@ -32,8 +34,10 @@ T_MIN, T_MAX = 0.05, 20.0
 
 
 def served_probabilities(view_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(views, N, classes) logits -> (N, classes) probabilities, exactly as ServedForward.probabilities does."""
-    return (view_logits.float() / temperature).softmax(-1).mean(0)
+    """(views, N, classes) logits -> (N, classes) probabilities: the recipe's own step 4
+    (:func:`camcore.forward.view_mean_probabilities`), on logits stacked by view."""
+    views = view_logits.shape[0]
+    return view_mean_probabilities(view_logits.float().flatten(0, 1), temperature, views)
 
 
 def _served_nll(view_logits: torch.Tensor, labels: torch.Tensor, log_temperature: torch.Tensor) -> torch.Tensor:

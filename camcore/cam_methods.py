@@ -16,7 +16,7 @@ to the gradient where spatial pooling would average it away.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -72,11 +72,8 @@ def layer_cam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tenso
     return (F.relu(gradients) * activations).sum(dim=1)
 
 
-METHODS: dict[str, CamMethod] = {
-    "gradcam": grad_cam,
-    "hirescam": hires_cam,
-    "gradcampp": grad_cam_plus_plus,
-    "xgradcam": xgrad_cam,
-    "layercam": layer_cam,
-}
+# The names are MethodName's, in its order (one list): each with its channel weighting.
+METHODS: dict[str, CamMethod] = dict(
+    zip(get_args(MethodName), (grad_cam, hires_cam, grad_cam_plus_plus, xgrad_cam, layer_cam), strict=True)
+)
 DEFAULT_METHOD: MethodName = "gradcam"

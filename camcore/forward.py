@@ -51,6 +51,20 @@ def with_weights_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+def view_mean_probabilities(logits: torch.Tensor, temperature: float, views: int) -> torch.Tensor:
+    """The recipe's step 4, its one definition: fp32 logits of every view, (views x N, classes), each
+    divided by the temperature, softmaxed, and averaged over the views -> (N, classes)."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    probabilities = logits.softmax(1)  # outside autocast: always in fp32
+    if views == 2:
+        original, mirrored = probabilities.chunk(2)
+        probabilities = (original + mirrored) / 2
+    elif views != 1:
+        probabilities = probabilities.unflatten(0, (views, -1)).mean(0)
+    return probabilities
+
+
 class ServedForward(nn.Module):
     """uint8 (N, 3, H, W) images -> float32 (N, classes) probabilities; one module, so it can be traced."""
 
@@ -114,13 +128,7 @@ class ServedForward(nn.Module):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Step 4: fp32 logits of every view, (views x N, classes) -> (N, classes) probabilities."""
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        probabilities = logits.softmax(1)  # outside autocast: always in fp32
-        if self.tta == "flip":
-            original, mirrored = probabilities.chunk(2)
-            probabilities = (original + mirrored) / 2
-        return probabilities
+        return view_mean_probabilities(logits, self.temperature, self.views)
 
     # -- whole passes ----------------------------------------------------------------------------
     def view_logits(self, images: torch.Tensor) -> torch.Tensor:
