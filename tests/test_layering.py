@@ -215,3 +215,4 @@ def test_the_house_stays_small():
         if (n := len(path.read_text().splitlines())) > 350
     }
     assert not long, f"modules over 350 lines: {long}"
+

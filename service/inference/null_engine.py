@@ -19,11 +19,11 @@ from service.inference.jobs import GradcamJob, GradcamRow
 
 
 class NullEngine:
-    """The attributes and batch functions of :class:`service.inference.torch_engine.TorchEngine`, without its work."""
+    """An :class:`service.inference.contract.Engine` that does none of the network's work."""
 
     device_name = "null"
     precision = "fp32"
-    traced = None
+    compiled = False
     trace_reason = "off (null engine)"
 
     def __init__(self, bundle: Bundle, batch_ms: float = 0.0, tta: str = "none") -> None:
