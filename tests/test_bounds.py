@@ -483,8 +483,8 @@ def test_a_keep_alive_connection_is_closed_when_idle(server: Server) -> None:
 
 
 def test_the_connection_cap_refuses_with_503_then_recovers(bundle_dir: Path, tmp_path: Path) -> None:
-    """Past ``MAX_CONNECTIONS`` open connections every request gets a 503 in the error shape of its path; the silent ones that
-    hold the places are closed at the idle deadline, and then honest clients are served again."""
+    """Past ``MAX_CONNECTIONS`` open connections every request gets a 503 in the error shape of its path; the
+    silent ones that hold the places are closed at the idle deadline, and then honest clients are served again."""
     with serve(bundle_dir, tmp_path / "capped.log", max_connections="4") as capped:
         holders = [socket.create_connection(capped.address, timeout=LONG_S) for _ in range(4)]
         try:
