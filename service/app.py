@@ -25,6 +25,7 @@ from camcore.bundle import Bundle, load_bundle
 from service.api.page import mount_static
 from service.api.routes import ROUTERS as API_ROUTERS
 from service.decoding.pool import DecodeLimits, Decoder
+from service.grpc.server import GrpcServer
 from service.http.auth import document_security
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimit, RelativeRedirects, RequestContext, SecurityHeaders
@@ -150,6 +151,10 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
         # full collections had paused the event loop ~110 ms each, 4 times in 10 s.
         gc.collect()
         gc.freeze()
+        # The Open Inference Protocol over gRPC, on this loop, in this process (every worker binds the port).
+        grpc_server = GrpcServer(state, app.version) if settings.grpc_port else None
+        if grpc_server is not None:
+            await grpc_server.start()
         state.ready, state.draining = True, False  # an app served again after a stop is ready again
         log.info(
             "serving %s (%s) on %s, precision %s: %s; TTA %s; %d model lane(s) of %d thread(s), trace %s",
@@ -172,6 +177,8 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
             # Uvicorn has stopped accepting and finished open requests; drain whatever is queued.
             state.ready = False
             state.draining = True
+            if grpc_server is not None:  # new calls get UNAVAILABLE; the ones in flight finish on the batchers
+                await grpc_server.stop(settings.request_timeout_s)
             for batcher in state.batchers.values():
                 await batcher.stop(settings.request_timeout_s)
             executor.shutdown(wait=True)
