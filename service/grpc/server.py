@@ -66,7 +66,7 @@ class ReadinessHealth(health_pb2_grpc.HealthServicer):
     def __init__(self, state: ServiceState) -> None:
         self.state = state
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):
         if request.service not in ("", SERVICE):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         ready = gate.readiness(self.state) == "ready"

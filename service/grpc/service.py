@@ -170,7 +170,9 @@ class InferenceService:
             engine = await state.registry.reload()
         except BundleError as exc:
             state.metrics.rejections.labels("reload_refused").inc()
-            raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"bundle refused, still serving {previous}: {exc}") from None
+            raise Abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"bundle refused, still serving {previous}: {exc}"
+            ) from None
         if state.worker is not None:  # one worker of several: the supervisor has every other worker reload too
             state.worker.ask_others_to_reload()
         call.extra = {"version": engine.bundle.version, "previous_version": previous}

@@ -53,7 +53,11 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str | None] | None:
     if isinstance(exc, Refused):  # counted by service.protocol.gate already
         return BY_HTTP_STATUS.get(exc.status, grpc.StatusCode.INTERNAL), str(exc), None
     if isinstance(exc, ImageRejected):
-        return BY_HTTP_STATUS.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT), str(exc), f"image_{exc.status_code}"
+        return (
+            BY_HTTP_STATUS.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT),
+            str(exc),
+            f"image_{exc.status_code}",
+        )
     if isinstance(exc, DecodeBusy):
         return grpc.StatusCode.UNAVAILABLE, str(exc), "decode_busy"
     return None

@@ -114,7 +114,10 @@ def wanted_outputs(requested: Sequence[str] | None, options: CamOptions | None) 
 async def explain(
     state: ServiceState, engine: Engine, images: list[torch.Tensor], target: list, options: CamOptions
 ) -> Explained:
-    jobs = [GradcamJob(image, options.layer, t, options.method, options.road) for image, t in zip(images, target, strict=True)]
+    jobs = [
+        GradcamJob(image, options.layer, t, options.method, options.road)
+        for image, t in zip(images, target, strict=True)
+    ]
     rows = await gate.submit(state, "gradcam", pin(engine, jobs))
     probabilities = torch.stack([row.probabilities for row in rows]).numpy().astype(np.float32, copy=False)
     predicted = probabilities.argmax(axis=1)

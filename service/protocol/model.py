@@ -64,7 +64,9 @@ def serving(state: ServiceState, name: str, version: str | None = None) -> Serve
 
 def repository_index(engine: Engine) -> list[dict[str, str]]:
     """Triton's repository index: both models, ready."""
-    return [{"name": name, "version": engine.bundle.version, "state": "READY", "reason": ""} for name in model_names(engine)]
+    return [
+        {"name": name, "version": engine.bundle.version, "state": "READY", "reason": ""} for name in model_names(engine)
+    ]
 
 
 def _tensor(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
