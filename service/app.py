@@ -22,6 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from camcore.bundle import Bundle, load_bundle
+from service import tracing
 from service.api.page import mount_static
 from service.api.routes import ROUTERS as API_ROUTERS
 from service.decoding.pool import DecodeLimits, Decoder
@@ -151,6 +152,7 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
         # full collections had paused the event loop ~110 ms each, 4 times in 10 s.
         gc.collect()
         gc.freeze()
+        tracing.start(app.version)  # only where OTEL_EXPORTER_OTLP_ENDPOINT asks for it (service/tracing.py)
         # The Open Inference Protocol over gRPC, on this loop, in this process (every worker binds the port).
         grpc_server = GrpcServer(state, app.version) if settings.grpc_port else None
         if grpc_server is not None:
@@ -183,6 +185,7 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
                 await batcher.stop(settings.request_timeout_s)
             executor.shutdown(wait=True)
             state.decoder.shutdown()
+            tracing.stop()  # exports the spans still buffered
             gc.unfreeze()  # an app torn down in a longer-lived process (tests) can be collected again
             log.info("stopped")
 

@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service import tracing
 from service.grpc import inference_pb2 as pb
 from service.grpc.service import Call, InferenceService
 from service.grpc.status import status_of
@@ -118,11 +119,17 @@ class GrpcServer:
         metrics = self.state.metrics
         settings = self.state.settings
 
+        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method}
+
         async def rpc(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             call = Call()
             code = grpc.StatusCode.OK
             failure: tuple[grpc.StatusCode, str] | None = None
+            if tracing.enabled():  # service/tracing.py; the caller's traceparent in the call's metadata
+                metadata = dict(context.invocation_metadata() or ())
+                traceparent, tracestate = metadata.get("traceparent"), metadata.get("tracestate")
+                call.span = tracing.start_request(f"{SERVICE}/{method}", traceparent, tracestate, attributes)
             try:
                 return await handler(request, context, call)
             except Exception as exc:
@@ -144,6 +151,9 @@ class GrpcServer:
                 metrics.latency.labels(endpoint).observe(elapsed)
                 if settings.log_requests:
                     self._log(context, path, code, elapsed, call)
+                if call.span is not None:
+                    error = code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED)
+                    tracing.end_request(call.span, None, {"rpc.grpc.status_code": code.value[0]}, error=error)
             if code == grpc.StatusCode.UNAVAILABLE:  # as REST's Retry-After
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(settings.retry_after_s * 1000)),))
             await context.abort(failure[0], failure[1])
@@ -163,4 +173,6 @@ class GrpcServer:
         }
         if call.images is not None:
             record["images"] = call.images
+        if call.span is not None:
+            record["trace_id"] = tracing.trace_id(call.span)
         access_log.info(json.dumps(record))

@@ -35,6 +35,7 @@ class Call:
 
     images: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    span: Any = None  # the call's span while tracing is on (service/tracing.py)
 
 
 def supplied_key(context: grpc.aio.ServicerContext) -> bytes:
