@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -403,3 +404,23 @@ async def test_a_call_in_flight_at_shutdown_is_answered_and_new_ones_are_refused
         await stopping
     finally:
         await client.close()
+
+
+# -- every worker serves gRPC on the one port ----------------------------------------------------------
+@pytest.mark.server
+def test_every_worker_of_a_multi_worker_service_answers_grpc(bundle_dir: Path, tmp_path: Path):
+    from harness import camserve
+
+    port = free_port()
+    settings = {"workers": 2, "engine": "null", "grpc_port": port, "log_requests": "true"}
+    with camserve(bundle_dir, tmp_path / "server.log", **settings) as running:
+        for i in range(24):  # a new connection each: the kernel spreads them over the workers (SO_REUSEPORT)
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+            tensor = grpcclient.InferInput("pixels", [1, 32, 32, 3], "UINT8")
+            tensor.set_data_from_numpy(np.full((1, 32, 32, 3), i, np.uint8))
+            assert client.infer(MODEL, [tensor]).as_numpy("probabilities").shape == (1, 10)
+            client.close()
+        lines = [line[line.index("{") :] for line in running.log_path.read_text().splitlines() if '"gRPC"' in line]
+    # Each worker numbers its requests after a random prefix of its own: two prefixes, two workers.
+    prefixes = {json.loads(line)["request_id"][:16] for line in lines}
+    assert len(lines) == 24 and len(prefixes) == 2, prefixes

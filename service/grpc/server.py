@@ -83,7 +83,8 @@ class GrpcServer:
         self.state = state
         self.port = settings.grpc_port if port is None else port
         self.service = InferenceService(state, version)
-        self._ids = (f"{os.urandom(8).hex()}{n:016x}" for n in itertools.count(1))
+        prefix = os.urandom(8).hex()  # request ids as the HTTP side makes them: a random prefix per process, a counter
+        self._ids = (f"{prefix}{n:016x}" for n in itertools.count(1))
         limit = settings.max_upload_bytes
         self.server = grpc.aio.server(
             maximum_concurrent_rpcs=settings.max_connections,  # beyond: RESOURCE_EXHAUSTED, as REST's 503s
