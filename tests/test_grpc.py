@@ -290,6 +290,17 @@ def test_bad_tensors_are_invalid_argument(channel):
     assert len(good.raw_output_contents) == 2
 
 
+def test_bytes_that_are_no_message_are_invalid_argument(channel):
+    for garbage in (b"\xff\xff\xff", b"\x0a\x05ab"):  # a bad tag; a string field cut short
+        with pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary(SERVICE + "ModelInfer")(garbage, metadata=AUTH, timeout=60)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid inference.ModelInferRequest" in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary(SERVICE + "ModelConfig")(b"", timeout=60)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_key_model_and_size_refusals(channel, triton):
     request = typed_request("image", "BYTES", [1], bytes_contents=[PNG])
     for metadata in ((), (("x-api-key", "wrong"),), (("authorization", "Basic sesame"),)):

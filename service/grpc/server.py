@@ -28,12 +28,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import tracing
 from service.grpc import inference_pb2 as pb
 from service.grpc.service import Call, InferenceService
-from service.grpc.status import status_of
+from service.grpc.status import Abort, status_of
 from service.protocol import gate
 from service.state import ServiceState
 
@@ -54,6 +55,24 @@ METHODS: dict[str, tuple[str, type, type]] = {
     "RepositoryIndex": ("repository_index", pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
     "RepositoryModelLoad": ("repository_model_load", pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
 }
+
+
+class Malformed:
+    """A request whose bytes are not its message (protobuf's DecodeError): answered INVALID_ARGUMENT by the
+    handler's wrapper, where grpc itself would answer UNKNOWN for a deserializer that raised."""
+
+    def __init__(self, message_type: type, error: Exception) -> None:
+        self.message = f"the request is not a valid {message_type.DESCRIPTOR.full_name} message ({error})"
+
+
+def parser(message_type: type) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Malformed(message_type, exc)
+
+    return parse
 
 
 def address(host: str, port: int) -> str:
@@ -97,7 +116,7 @@ class GrpcServer:
         handlers = {
             method: grpc.unary_unary_rpc_method_handler(
                 self._wrap(method, getattr(self.service, name)),
-                request_deserializer=request_type.FromString,
+                request_deserializer=parser(request_type),
                 response_serializer=response_type.SerializeToString,
             )
             for method, (name, request_type, response_type) in METHODS.items()
@@ -132,6 +151,8 @@ class GrpcServer:
                 traceparent, tracestate = metadata.get("traceparent"), metadata.get("tracestate")
                 call.span = tracing.start_request(f"{SERVICE}/{method}", traceparent, tracestate, attributes)
             try:
+                if isinstance(request, Malformed):
+                    raise Abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 return await handler(request, context, call)
             except Exception as exc:
                 mapped = status_of(exc)
