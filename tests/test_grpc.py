@@ -15,9 +15,11 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -425,6 +427,10 @@ def test_every_worker_of_a_multi_worker_service_answers_grpc(bundle_dir: Path, t
     port = free_port()
     settings = {"workers": 2, "engine": "null", "grpc_port": port, "log_requests": "true"}
     with camserve(bundle_dir, tmp_path / "server.log", **settings) as running:
+        deadline = time.monotonic() + 120  # /readyz answered for one worker: wait for both (each binds gRPC)
+        while httpx.get(f"{running.base_url}/readyz", timeout=10).json().get("workers_ready", 0) < 2:
+            assert time.monotonic() < deadline, "two workers never became ready"
+            time.sleep(0.2)
         for i in range(24):  # a new connection each: the kernel spreads them over the workers (SO_REUSEPORT)
             client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
             tensor = grpcclient.InferInput("pixels", [1, 32, 32, 3], "UINT8")
