@@ -3,7 +3,7 @@
 # camserve: the CIFAR-10 ResNet service as a container image.
 #
 #   docker build -t camserve .
-#   docker run --rm -p 8000:8000 camserve
+#   docker run --rm -p 8000:8000 -p 8001:8001 camserve     # REST on 8000, gRPC on 8001
 #
 # A CPU-only image (torch without CUDA: 1.3 GB to pull instead of 6.1 GB), for CPU nodes:
 #
@@ -117,9 +117,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/camserve \
     CAMSERVE_HOST=0.0.0.0 \
     CAMSERVE_PORT=8000 \
+    CAMSERVE_GRPC_PORT=8001 \
     CAMSERVE_MODEL_DIR=/opt/camserve/models/cifar10-resnet
 USER ${CAMSERVE_UID}:${CAMSERVE_UID}
-EXPOSE 8000
+# 8000: HTTP (the JSON API, the Open Inference Protocol over REST, /metrics); 8001: the protocol over
+# gRPC (inference.GRPCInferenceService, and grpc.health.v1.Health for gRPC probes).
+EXPOSE 8000 8001
 # Ready means the bundle is loaded and the service answers; a model that failed to load turns the
 # container unhealthy. Python's urllib: the slim image has no curl.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \

@@ -8,7 +8,7 @@ EPOCHS ?= 20
 RUN_DIR ?= runs/cifar10
 BUNDLE ?= models/cifar10-resnet
 
-.PHONY: install test serve train export lint format bench clean
+.PHONY: install test serve train export lint format bench clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
 	$(PY) docker/check_manifests.py  # k8s.yaml and kserve.yaml, offline
+
+# The gRPC protocol's Python module, committed (serving needs no protoc): protoc from grpcio-tools (pinned in
+# the dev extra), then its descriptors moved into a pool of their own, so that tritonclient's or KServe's
+# module of the same package "inference" can be imported in the same process (the default pool refuses
+# a second definition of a symbol). tests/test_grpc.py checks the committed module is what this makes.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. service/grpc/inference.proto
+	sed -i 's/_descriptor_pool\.Default()\.AddSerializedFile/_descriptor_pool.DescriptorPool().AddSerializedFile/' service/grpc/inference_pb2.py
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix .

@@ -202,13 +202,15 @@ def camserve(
     **settings: str | int | float,
 ) -> contextlib.AbstractContextManager[Server]:
     """``python -m service`` on a free loopback port serving ``model_dir``, with ``CAMSERVE_*``
-    overrides given as keyword arguments (``max_batch_size=1``)."""
+    overrides given as keyword arguments (``max_batch_size=1``). gRPC is off unless asked for
+    (``grpc_port=free_port()``): servers on one machine must not share the default port 8001."""
     port = free_port()
     env = {
         **server_env(),
         "CAMSERVE_MODEL_DIR": str(model_dir),
         "CAMSERVE_HOST": "127.0.0.1",
         "CAMSERVE_PORT": str(port),
+        "CAMSERVE_GRPC_PORT": "0",
         **{f"CAMSERVE_{key.upper()}": str(value) for key, value in settings.items()},
     }
     command = [sys.executable, "-m", "service"]

@@ -265,8 +265,10 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 
 start_and_wait() {  # start_and_wait <extra podman run args...>
   PORT=$(free_port)
+  GRPC_PORT=$(free_port)  # host network: never the default 8001, which another server may hold
   cleanup_container "$CONTAINER"
-  quiet_systemd podman run -d --name "$CONTAINER" --network host -e CAMSERVE_PORT="$PORT" "$@" "$IMAGE" >/dev/null
+  quiet_systemd podman run -d --name "$CONTAINER" --network host -e CAMSERVE_PORT="$PORT" \
+    -e CAMSERVE_GRPC_PORT="$GRPC_PORT" "$@" "$IMAGE" >/dev/null
   log "started $CONTAINER on port $PORT; waiting for the image's HEALTHCHECK (GET /readyz)"
   local started=$SECONDS
   until podman healthcheck run "$CONTAINER" >/dev/null 2>&1; do

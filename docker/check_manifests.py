@@ -7,9 +7,11 @@
   manifests use (:data:`KSERVE_SCHEMAS`, written from KServe's Go types: ``ServingRuntimeSpec``,
   ``PredictorSpec``, ``ModelSpec``), unknown fields refused at every level written out.
 * And against this service: probe paths are routes the app serves, probe ports are the container's
-  port and ``CAMSERVE_PORT``, every ``CAMSERVE_*`` variable is a setting, the InferenceService is
-  named as the bundle (the protocol's paths carry that name) and uses the runtime, model format and
-  protocol the ServingRuntime declares.
+  ports (HTTP probes on ``CAMSERVE_PORT``, gRPC probes on ``CAMSERVE_GRPC_PORT``, which answers
+  ``grpc.health.v1.Health``), a port named ``grpc`` or ``h2c`` is ``CAMSERVE_GRPC_PORT``, a gRPC
+  ServingRuntime (``grpc-v2``) exposes an ``h2c`` port, every ``CAMSERVE_*`` variable is a setting, the
+  InferenceService is named as the bundle (the protocol's paths carry that name) and uses the runtime,
+  model format and protocol the ServingRuntime declares.
 
     python docker/check_manifests.py [docker/k8s.yaml docker/kserve.yaml]
 """
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = [ROOT / "docker" / "k8s.yaml", ROOT / "docker" / "kserve.yaml"]
 KUBERNETES_VERSION = "1.33"
 SHIPPED_BUNDLE = ROOT / "models" / "cifar10-resnet" / "model.json"
+DEFAULT_GRPC_PORT = 8001  # service/settings.py's grpc_port
 
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _METADATA = {
@@ -160,17 +163,30 @@ def _check_container(container: dict[str, Any], where: str, served: set[str], se
     errors += [f"{where}: {name} is not a camserve setting" for name in env if name not in settings]
     ports = {p["containerPort"]: p.get("name") for p in container.get("ports", [])}
     named = {name: port for port, name in ports.items() if name}
-    if ports and env.get("CAMSERVE_PORT") not in {str(p) for p in ports}:
-        errors.append(f"{where}: CAMSERVE_PORT {env.get('CAMSERVE_PORT')} is not a container port {list(ports)}")
+    http_port = env.get("CAMSERVE_PORT")
+    grpc_port = env.get("CAMSERVE_GRPC_PORT", str(DEFAULT_GRPC_PORT))
+    if ports and not {http_port, grpc_port} & {str(p) for p in ports}:
+        errors.append(
+            f"{where}: neither CAMSERVE_PORT {http_port} nor CAMSERVE_GRPC_PORT {grpc_port} is a container port"
+        )
+    for port, name in ports.items():
+        if name in ("grpc", "h2c") and str(port) != grpc_port:
+            errors.append(f"{where}: port {name} {port} is not CAMSERVE_GRPC_PORT {grpc_port}")
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-        probe = container.get(kind, {}).get("httpGet")
-        if probe is None:
-            continue
-        if probe["path"] not in served:
-            errors.append(f"{where}: {kind} path {probe['path']} is not served by the app")
-        port = named.get(probe["port"], probe["port"])
-        if port not in ports:
-            errors.append(f"{where}: {kind} port {probe['port']} is not a container port")
+        probe = container.get(kind, {})
+        if "httpGet" in probe:
+            if probe["httpGet"]["path"] not in served:
+                errors.append(f"{where}: {kind} path {probe['httpGet']['path']} is not served by the app")
+            port = named.get(probe["httpGet"]["port"], probe["httpGet"]["port"])
+            if port not in ports:
+                errors.append(f"{where}: {kind} port {probe['httpGet']['port']} is not a container port")
+        for action in ("grpc", "tcpSocket"):
+            if action in probe:
+                port = named.get(probe[action]["port"], probe[action]["port"])
+                if port not in ports:
+                    errors.append(f"{where}: {kind} port {probe[action]['port']} is not a container port")
+                elif action == "grpc" and str(port) != grpc_port:
+                    errors.append(f"{where}: {kind} is a gRPC probe on {port}, not CAMSERVE_GRPC_PORT {grpc_port}")
     return errors
 
 
@@ -198,6 +214,9 @@ def check(paths: list[Path]) -> list[str]:
                     runtimes[doc["metadata"]["name"]] = spec
                     for c, container in enumerate(spec.get("containers", [])):
                         errors += _check_container(container, f"{where} container {c}", served, settings)
+                        names = {p.get("name") for p in container.get("ports", [])}
+                        if "grpc-v2" in spec.get("protocolVersions", []) and "h2c" not in names:
+                            errors.append(f"{where} container {c}: speaks grpc-v2 but has no port named h2c")
                 else:
                     services.append((where, doc))
                     model = spec.get("predictor", {}).get("model", {})

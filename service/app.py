@@ -22,9 +22,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from camcore.bundle import Bundle, load_bundle
+from service import tracing
 from service.api.page import mount_static
 from service.api.routes import ROUTERS as API_ROUTERS
 from service.decoding.pool import DecodeLimits, Decoder
+from service.grpc.server import GrpcServer
 from service.http.auth import document_security
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimit, RelativeRedirects, RequestContext, SecurityHeaders
@@ -150,6 +152,11 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
         # full collections had paused the event loop ~110 ms each, 4 times in 10 s.
         gc.collect()
         gc.freeze()
+        tracing.start(app.version)  # only where OTEL_EXPORTER_OTLP_ENDPOINT asks for it (service/tracing.py)
+        # The Open Inference Protocol over gRPC, on this loop, in this process (every worker binds the port).
+        grpc_server = GrpcServer(state, app.version) if settings.grpc_port else None
+        if grpc_server is not None:
+            await grpc_server.start()
         state.ready, state.draining = True, False  # an app served again after a stop is ready again
         log.info(
             "serving %s (%s) on %s, precision %s: %s; TTA %s; %d model lane(s) of %d thread(s), trace %s",
@@ -172,10 +179,13 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
             # Uvicorn has stopped accepting and finished open requests; drain whatever is queued.
             state.ready = False
             state.draining = True
+            if grpc_server is not None:  # new calls get UNAVAILABLE; the ones in flight finish on the batchers
+                await grpc_server.stop(settings.request_timeout_s)
             for batcher in state.batchers.values():
                 await batcher.stop(settings.request_timeout_s)
             executor.shutdown(wait=True)
             state.decoder.shutdown()
+            tracing.stop()  # exports the spans still buffered
             gc.unfreeze()  # an app torn down in a longer-lived process (tests) can be collected again
             log.info("stopped")
 

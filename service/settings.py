@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     model_dir: Path = DEFAULT_MODEL_DIR
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC, in every worker (as Triton); 0: off"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Precision = "auto"
     torch_threads: int | None = Field(
@@ -80,6 +83,9 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(15.0, gt=0, description="a connection without a request in progress is closed")
     max_connections: int = Field(1000, ge=1, description="open connections (or requests) before 503s")
 
+    model_control: bool = Field(
+        False, description="allow the model repository's load requests (REST and gRPC) to reload the bundle"
+    )
     api_key: SecretStr | None = Field(None, description="when set, the API needs it (X-API-Key or Bearer)")
     cors_origins: list[str] = []
     log_level: str = "info"

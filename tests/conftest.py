@@ -16,6 +16,10 @@ from helpers import make_bundle, make_image_folder
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_BUNDLE = REPO / "models" / "cifar10-resnet"
 
+# The apps tests build serve gRPC only where a test asks for it on a port of its own (tests/test_grpc.py):
+# never on the default 8001, which every app and server on this machine would share (SO_REUSEPORT).
+os.environ.setdefault("CAMSERVE_GRPC_PORT", "0")
+
 # Tests share 2 cores with whatever else runs; keep torch from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

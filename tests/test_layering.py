@@ -124,7 +124,7 @@ def test_serving_needs_nothing_that_only_training_installs(package):
 
 def test_no_import_cycles_among_the_projects_modules():
     graph = {module: project_imports(module) for module in MODULES}
-    assert graph["service.http.admission"] >= {"service.state", "service.inference.batcher"}  # the graph is really read
+    assert graph["service.http.admission"] >= {"service.state", "service.protocol.gate"}  # the graph is really read
     try:
         tuple(TopologicalSorter(graph).static_order())
     except CycleError as exc:
@@ -145,18 +145,19 @@ def test_benchmarks_never_import_the_tests():
 # service/'s rooms, lowest first: a module may import only from its own room or a lower floor, and the
 # rooms on one floor never import each other.
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("service.settings",),
+    ("service.settings", "service.tracing"),
     ("service.inference", "service.decoding"),
     ("service.metrics",),
     ("service.state",),
+    ("service.protocol",),
     ("service.http",),
-    ("service.api", "service.oip"),
+    ("service.api", "service.oip", "service.grpc"),
     ("service.app",),
     ("service.runtime",),
     ("service.__main__",),
 )
 WEB_FRAMEWORKS = {"fastapi", "starlette", "uvicorn", "httptools", "multipart", "python_multipart", "h11"}
-HTTP_ROOMS = ("service.http", "service.api", "service.oip", "service.app", "service.runtime")
+HTTP_ROOMS = ("service.http", "service.api", "service.oip", "service.grpc", "service.app", "service.runtime")
 
 
 def room_of(module: str) -> tuple[int, str]:
@@ -190,7 +191,7 @@ def test_no_room_imports_a_higher_one_or_a_neighbour():
     assert not broken, "\n".join(broken)
 
 
-@pytest.mark.parametrize("package", ["camcore", "service.inference", "service.decoding"])
+@pytest.mark.parametrize("package", ["camcore", "service.inference", "service.decoding", "service.protocol"])
 def test_inference_decoding_and_camcore_know_no_http(package):
     users = top_levels(package.split(".")[0])
     inside = {m for m in MODULES if m == package or m.startswith(package + ".")}
@@ -216,3 +217,13 @@ def test_the_house_stays_small():
     }
     assert not long, f"modules over 350 lines: {long}"
 
+
+def test_grpc_front_knows_no_http():
+    """gRPC shares what lies below the HTTP layer (service/protocol/), never the HTTP layer itself."""
+    inside = {m for m in MODULES if m.startswith("service.grpc.")}
+    assert "service.grpc.server" in inside  # the room is really read
+    users = top_levels("service")
+    web = {name: sorted(users[name] & inside) for name in WEB_FRAMEWORKS & set(users) if users[name] & inside}
+    assert not web, f"service.grpc imports a web framework: {web}"
+    http = {m: sorted(i for i in project_imports(m) if i.startswith("service.http")) for m in inside}
+    assert not any(http.values()), f"service.grpc imports the HTTP layer: {http}"

@@ -78,6 +78,24 @@ BROKEN: list[tuple[str, str, Callable[[list[dict]], None], str]] = [
     ),
     (
         "k8s.yaml",
+        "gRPC probe on the HTTP port",
+        lambda d: d[0]["spec"]["template"]["spec"]["containers"][0].update(readinessProbe={"grpc": {"port": 8000}}),
+        "not CAMSERVE_GRPC_PORT",
+    ),
+    (
+        "kserve.yaml",
+        "gRPC runtime without an h2c port",
+        lambda d: d[2]["spec"]["containers"][0]["ports"][0].update(name="grpc2"),
+        "no port named h2c",
+    ),
+    (
+        "k8s.yaml",
+        "gRPC port not the setting",
+        lambda d: d[0]["spec"]["template"]["spec"]["containers"][0]["ports"][1].update(containerPort=9001),
+        "is not CAMSERVE_GRPC_PORT",
+    ),
+    (
+        "k8s.yaml",
         "deployment typo",
         lambda d: d[0]["spec"]["template"]["spec"].update(container=[]),
         "container",

@@ -252,7 +252,7 @@ async def test_protocol_error_shape_for_auth_model_name_size_and_encoding(client
     compressed = await client.post(f"/v2/models/{MODEL}/infer", content=b"x", headers={"Content-Encoding": "gzip"})
     assert compressed.status_code == 415 and "uncompressed" in compressed.json()["error"]
     assert (await client.get("/v2/models/resnet50")).json() == {
-        "error": f"unknown model 'resnet50'; this server serves '{MODEL}'"
+        "error": f"unknown model 'resnet50'; this server serves '{MODEL}' and '{MODEL}-cam'"
     }
     # The service's own API keeps its own error shape.
     assert "detail" in (await client.post("/predict", headers={"X-API-Key": "wrong"})).json()

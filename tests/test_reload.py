@@ -123,7 +123,9 @@ async def test_reload_under_load_fails_no_request_and_versions_name_the_weights(
     assert np.abs(by_version[first] - by_version[second]).max() > 1e-3
     assert await version_of(client) == second
     index = (await client.post("/v2/repository/index")).json()
-    assert index == [{"name": MODEL, "version": second, "state": "READY", "reason": ""}]
+    assert index == [
+        {"name": name, "version": second, "state": "READY", "reason": ""} for name in (MODEL, f"{MODEL}-cam")
+    ]
 
 
 async def test_a_corrupt_bundle_is_refused_and_the_old_one_keeps_serving(served, bundles, tmp_path):

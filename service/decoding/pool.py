@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from service import tracing
 from service.decoding.budget import MemoryBudget, release_free_memory
 from service.decoding.handoff import Handoff
 from service.decoding.probe import ImageRejected, Probe, decode_probed, mib, probe_image
@@ -70,6 +71,10 @@ class Decoder:
         The common case is one hand-over to a decode thread, which prices every file and decodes as many
         as the budget has room for at once; only when it runs out does the event loop wait for room.
         """
+        with tracing.span("decode", **{"camserve.images": len(files)}):
+            return await self._decode(files)
+
+    async def _decode(self, files: Sequence[tuple[str, bytes]]) -> list[torch.Tensor]:
         loop = asyncio.get_running_loop()
         probes, images = await self._handoff.submit(loop, files)
         while len(images) < len(probes):

@@ -1,28 +1,21 @@
 """Who gets in, for the JSON API and the Open Inference Protocol alike: readiness, the API key and room
 in an endpoint's queue, checked before the body is read; and the batchers' refusals as HTTP answers.
 
-One readiness function (:func:`readiness`) serves ``/readyz``, ``/v2/health/ready`` and every
-endpoint's 503; every 503 says ``Retry-After: CAMSERVE_RETRY_AFTER_S``.
+The checks themselves are the protocol-neutral ones gRPC uses too (service/protocol/gate.py); this
+module turns their refusals into HTTP answers. Every 503 says ``Retry-After: CAMSERVE_RETRY_AFTER_S``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 
 from service.http.auth import authorize, checks_key
-from service.inference.batcher import BatchFailed, QueueFull, ShuttingDown
+from service.protocol import gate
+from service.protocol.gate import Readiness as Readiness
+from service.protocol.gate import readiness as readiness
 from service.state import ServiceState
-
-Readiness = Literal["ready", "loading", "draining"]
-
-
-def readiness(state: ServiceState) -> Readiness:
-    """Ready: a model is loaded and warm and the service is not draining."""
-    if state.draining:
-        return "draining"
-    return "ready" if state.ready and state.engine is not None else "loading"
 
 
 def retry_after(state: ServiceState) -> dict[str, str]:
@@ -36,10 +29,9 @@ def service_state(request: Request) -> ServiceState:
 async def ready_state(request: Request) -> ServiceState:
     """The service, once it is ready; else 503."""
     state = service_state(request)
-    status = readiness(state)
-    if status != "ready":
-        detail = "service is shutting down" if status == "draining" else "service is not ready"
-        raise HTTPException(503, detail, headers=retry_after(state))
+    refusal = gate.not_ready(state)
+    if refusal is not None:
+        raise HTTPException(refusal.status, str(refusal), headers=retry_after(state))
     return state
 
 
@@ -56,20 +48,10 @@ AuthorizedState = Annotated[ServiceState, Depends(authorized_state)]
 
 
 def admit(state: ServiceState, batcher_name: str) -> None:
-    """503 while the endpoint's queue is full or the service drains.
-
-    Called before the handler reads the body, so an overloaded service answers at once, instead of
-    after receiving and decoding an upload it would refuse anyway. (A request admitted here can still
-    find the queue full after decoding; :func:`submit` refuses it then.)
-    """
-    batcher = state.batchers[batcher_name]
-    if state.draining or not batcher.accepting:
-        state.metrics.rejections.labels("shutting_down").inc()
-        raise HTTPException(503, "service is shutting down", headers=retry_after(state))
-    if batcher.free <= 0:
-        state.metrics.rejections.labels("queue_full").inc()
-        detail = f"{batcher_name} queue is full ({batcher.depth} of {batcher.queue_size} images)"
-        raise HTTPException(503, detail, headers=retry_after(state))
+    """503 while the endpoint's queue is full or the service drains (:func:`service.protocol.gate.queue_refusal`)."""
+    refusal = gate.queue_refusal(state, batcher_name)
+    if refusal is not None:
+        raise HTTPException(refusal.status, str(refusal), headers=retry_after(state))
 
 
 def admitted(batcher_name: str) -> Any:
@@ -88,18 +70,8 @@ def admitted(batcher_name: str) -> Any:
 
 async def submit(state: ServiceState, batcher_name: str, payloads: list) -> list:
     """Submit to an endpoint's batcher, turning its refusals into HTTP answers."""
-    settings = state.settings
     try:
-        return await state.batchers[batcher_name].submit(payloads, settings.request_timeout_s)
-    except QueueFull as exc:
-        state.metrics.rejections.labels("queue_full").inc()
-        raise HTTPException(503, str(exc), headers=retry_after(state)) from None
-    except ShuttingDown as exc:
-        state.metrics.rejections.labels("shutting_down").inc()
-        raise HTTPException(503, str(exc), headers=retry_after(state)) from None
-    except TimeoutError:
-        state.metrics.rejections.labels("timeout").inc()
-        raise HTTPException(504, f"no answer within {settings.request_timeout_s:g} s") from None
-    except BatchFailed as exc:
-        state.metrics.rejections.labels("batch_failed").inc()
-        raise HTTPException(500, f"inference failed for the batch holding this request: {exc}") from None
+        return await gate.submit(state, batcher_name, payloads)
+    except gate.Refused as exc:
+        headers = retry_after(state) if exc.status == 503 else None
+        raise HTTPException(exc.status, str(exc), headers=headers) from None

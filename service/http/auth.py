@@ -11,7 +11,6 @@ sends it as before.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,6 +20,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.routing import APIRoute, APIRouter
 from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.datastructures import Headers
+
+from service.protocol.gate import key_accepted
 
 if TYPE_CHECKING:
     from service.state import ServiceState
@@ -52,11 +53,7 @@ def supplied_key(headers: Headers) -> str:
 
 def authorize(state: ServiceState, headers: Headers) -> None:
     """Nothing when no key is set or the right one was sent (compared as bytes, in constant time); 401."""
-    expected = state.settings.api_key
-    if expected is None:
-        return
-    if not hmac.compare_digest(header_bytes(supplied_key(headers)), expected.get_secret_value().encode("utf-8")):
-        state.metrics.rejections.labels("unauthorized").inc()
+    if not key_accepted(state, header_bytes(supplied_key(headers))):
         raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import tracing
 from service.http.error_shape import error_body
 from service.metrics import ServiceMetrics
 
@@ -73,6 +74,16 @@ class RequestContext:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500
+        span = (
+            tracing.start_request(  # None while tracing is off (service/tracing.py)
+                scope["method"],
+                _header(scope, b"traceparent"),
+                _header(scope, b"tracestate"),
+                {"http.request.method": scope["method"], "url.path": scope["path"]},
+            )
+            if tracing.enabled()
+            else None
+        )
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -90,6 +101,9 @@ class RequestContext:
             endpoint = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(elapsed)
+            if span is not None:
+                attributes = {"http.response.status_code": status, "http.route": endpoint}
+                tracing.end_request(span, f"{scope['method']} {endpoint}", attributes, error=status >= 500)
             if self.log_requests:
                 record: dict[str, Any] = {
                     "event": "request",
@@ -101,6 +115,8 @@ class RequestContext:
                 }
                 if "images" in state:
                     record["images"] = state["images"]
+                if span is not None:
+                    record["trace_id"] = tracing.trace_id(span)
                 access_log.info(json.dumps(record))
 
 

@@ -34,6 +34,8 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from service import tracing
+
 log = logging.getLogger("camserve.batcher")
 
 Payload = TypeVar("Payload")
@@ -57,6 +59,7 @@ class _Item(Generic[Payload]):
     payload: Payload
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    trace: Any = None  # the request's span and queueing time, while tracing is on (service/tracing.py)
 
 
 @dataclass
@@ -177,7 +180,8 @@ class DynamicBatcher(Generic[Payload, Result]):
         if len(self._queue) + len(payloads) > self.queue_size:
             raise QueueFull(f"{self.name} queue is full ({len(self._queue)} of {self.queue_size} images)")
         loop = asyncio.get_running_loop()
-        items = [_Item(payload, loop.create_future()) for payload in payloads]
+        trace = tracing.waiting()
+        items = [_Item(payload, loop.create_future(), trace=trace) for payload in payloads]
         now = time.perf_counter()
         if self._last_arrival:
             gap = now - self._last_arrival
@@ -274,6 +278,8 @@ class DynamicBatcher(Generic[Payload, Result]):
             results: Sequence[Result] | None = None
             error: BatchFailed | None = None
             if live:
+                traced = [item.trace for item in live if item.trace is not None]
+                started_ns = time.time_ns() if traced else 0
                 started = time.perf_counter()
                 try:
                     results = self._run_batch([item.payload for item in live])
@@ -282,6 +288,8 @@ class DynamicBatcher(Generic[Payload, Result]):
                 except Exception as exc:
                     log.exception("%s batch of %d failed", self.name, len(live))
                     error, results = BatchFailed(f"{type(exc).__name__}: {exc}"), None
+                if traced:
+                    tracing.record_batch(self.name, traced, len(live), started_ns, time.time_ns())
                 stats = BatchStats(
                     size=len(live),
                     queue_wait_s=[started - item.enqueued for item in live],

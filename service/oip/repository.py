@@ -12,6 +12,7 @@ from camcore.bundle import BundleError
 from service.http.admission import AuthorizedState
 from service.oip.model import PREFIX, serving
 from service.oip.schemas import LoadResult, RepositoryModel, errors
+from service.protocol.model import repository_index as models_index
 
 router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"])
 
@@ -20,11 +21,10 @@ router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"])
     "/repository/index",
     response_model=list[RepositoryModel],
     responses=errors(401, 408, 413, 503),
-    summary="The model this server serves",
+    summary="The models this server serves: the bundle's classifier and its explanations (<name>-cam)",
 )
 async def repository_index(state: AuthorizedState) -> list[dict[str, str]]:
-    bundle = state.engine.bundle
-    return [{"name": bundle.name, "version": bundle.version, "state": "READY", "reason": ""}]
+    return models_index(state.engine)
 
 
 @router.post(

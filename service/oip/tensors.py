@@ -1,84 +1,51 @@
-"""The Open Inference Protocol's input tensors as images: ``image`` (BYTES, encoded files, decoded as
-``/predict`` decodes uploads) or ``pixels`` (UINT8 [-1, 32, 32, 3], no decoding)."""
+"""The Open Inference Protocol's input tensors over REST as images: the elements out of JSON (base64
+strings, nested lists) or the binary extension, then checked and decoded as every front does
+(service/protocol/tensors.py)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 
-import numpy as np
 import torch
 from fastapi import HTTPException
 
 from service.oip.wire import InferRequest, RequestInput, WireError, flatten, split_bytes_elements
+from service.protocol.tensors import SIZE as SIZE
+from service.protocol.tensors import TensorError, TooManyImages, decode_images, image_count, pixel_images
 from service.state import ServiceState
 
-SIZE = 32  # the network's input side
 
-
-def _batch_size(tensor: RequestInput, shape: list[int], max_images: int) -> int:
-    """The tensor's first dimension, checked against the expected shape and the per-request image limit."""
-    if len(tensor.shape) != len(shape) or any(e != -1 and d != e for d, e in zip(tensor.shape, shape, strict=True)):
-        raise WireError(f"input '{tensor.name}': shape {tensor.shape}, expected {shape}")
-    count = tensor.shape[0]
-    if count < 1:
-        raise WireError(f"input '{tensor.name}': no images (first dimension 0)")
-    if count > max_images:
-        raise HTTPException(413, f"too many images: at most {max_images} per request")
-    return count
-
-
-async def _decode_image_input(tensor: RequestInput, state: ServiceState) -> list[torch.Tensor]:
-    settings = state.settings
-    count = _batch_size(tensor, [-1], settings.max_files)
+def _image_elements(tensor: RequestInput) -> list[bytes]:
     if tensor.raw is not None:
-        elements = split_bytes_elements(tensor.raw, "input 'image'")
-    else:
-        strings = flatten(tensor.data, "input 'image'")
-        if not all(isinstance(s, str) for s in strings):
-            raise WireError("input 'image': JSON elements must be base64 strings of image files")
-        elements = []
-        for i, text in enumerate(strings):
-            try:
-                elements.append(base64.b64decode(text, validate=True))
-            except (binascii.Error, ValueError):
-                raise WireError(f"image[{i}]: not base64 (as JSON, each element is a base64 image file)") from None
-    if len(elements) != count:
-        raise WireError(f"input 'image': shape [{count}] but {len(elements)} elements")
-    files = [(f"image[{i}]", data) for i, data in enumerate(elements)]
-    return await state.decoder.decode(files)  # priced, budgeted and decoded off the loop (service.decoding)
-
-
-def _pixel_input(tensor: RequestInput, max_images: int) -> list[torch.Tensor]:
-    count = _batch_size(tensor, [-1, SIZE, SIZE, 3], max_images)
-    expected = count * SIZE * SIZE * 3
-    if tensor.raw is not None:
-        if len(tensor.raw) != expected:
-            raise WireError(f"input 'pixels': {len(tensor.raw)} bytes for shape {tensor.shape} ({expected} bytes)")
-        array = np.frombuffer(tensor.raw, dtype=np.uint8)
-    else:
+        return split_bytes_elements(tensor.raw, "input 'image'")
+    strings = flatten(tensor.data, "input 'image'")
+    if not all(isinstance(s, str) for s in strings):
+        raise WireError("input 'image': JSON elements must be base64 strings of image files")
+    elements = []
+    for i, text in enumerate(strings):
         try:
-            values = np.asarray(flatten(tensor.data, "input 'pixels'"))
-        except (ValueError, TypeError, OverflowError):
-            raise WireError("input 'pixels': 'data' must be integers 0..255") from None
-        if values.size != expected:
-            raise WireError(f"input 'pixels': {values.size} values for shape {tensor.shape} ({expected} values)")
-        if values.dtype.kind not in "iu" or values.min() < 0 or values.max() > 255:
-            raise WireError("input 'pixels': 'data' must be integers 0..255")
-        array = values.astype(np.uint8)
-    channels_first = np.ascontiguousarray(array.reshape(count, SIZE, SIZE, 3).transpose(0, 3, 1, 2))
-    return list(torch.from_numpy(channels_first))
+            elements.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise WireError(f"image[{i}]: not base64 (as JSON, each element is a base64 image file)") from None
+    return elements
+
+
+async def tensor_images(tensor: RequestInput, state: ServiceState) -> list[torch.Tensor]:
+    """One ``image`` or ``pixels`` tensor as images; a bad tensor is a WireError (400), too many images 413."""
+    try:
+        count = image_count(tensor.name, tensor.datatype, tensor.shape, state.settings.max_files)
+        if tensor.name == "image":
+            return await decode_images(_image_elements(tensor), count, state)
+        values = None if tensor.raw is not None else flatten(tensor.data, "input 'pixels'")
+        return pixel_images(count, tensor.shape, raw=tensor.raw, values=values)
+    except TensorError as exc:
+        raise WireError(str(exc)) from None
+    except TooManyImages as exc:
+        raise HTTPException(413, str(exc)) from None
 
 
 async def request_images(infer: InferRequest, state: ServiceState) -> list[torch.Tensor]:
     if len(infer.inputs) != 1:
         raise WireError(f"send exactly one input, 'image' or 'pixels' (got {len(infer.inputs)})")
-    tensor = infer.inputs[0]
-    expected = {"image": "BYTES", "pixels": "UINT8"}
-    if tensor.name not in expected:
-        raise WireError(f"unknown input {tensor.name!r}; send 'image' (BYTES) or 'pixels' (UINT8)")
-    if tensor.datatype != expected[tensor.name]:
-        raise WireError(f"input '{tensor.name}': datatype {tensor.datatype}, expected {expected[tensor.name]}")
-    if tensor.name == "image":
-        return await _decode_image_input(tensor, state)
-    return _pixel_input(tensor, state.settings.max_files)
+    return await tensor_images(infer.inputs[0], state)
