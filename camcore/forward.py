@@ -76,6 +76,12 @@ class ServedForward(nn.Module):
         self.dtype = AUTOCAST_DTYPES[precision]
         self.normalize = Normalize(mean, std).to(device)
         self.model = model if self.dtype is None else with_weights_in(model, self.dtype)
+        # The divisor as a tensor too, so a trace reads it rather than baking the number into its graph:
+        # one traced graph then serves every bundle's temperature (service/inference/tracing.py). Bit for
+        # bit the same quotient as dividing by the float (float32 either way).
+        self.register_buffer(
+            "temperature_divisor", torch.tensor(self.temperature, dtype=torch.float32, device=device), persistent=False
+        )
 
     @classmethod
     def from_bundle(
@@ -115,7 +121,7 @@ class ServedForward(nn.Module):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Step 4: fp32 logits of every view, (views x N, classes) -> (N, classes) probabilities."""
         if self.temperature != 1.0:
-            logits = logits / self.temperature
+            logits = logits / self.temperature_divisor
         probabilities = logits.softmax(1)  # outside autocast: always in fp32
         if self.tta == "flip":
             original, mirrored = probabilities.chunk(2)

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     max_connections: int = Field(1000, ge=1, description="open connections (or requests) before 503s")
 
     api_key: SecretStr | None = Field(None, description="when set, the API needs it (X-API-Key or Bearer)")
+    model_control: bool = Field(
+        False,
+        description="allow POST /v2/repository/models/{name}/load (hot reload over HTTP; behind the API key when "
+        "one is set); off, as Triton's --model-control-mode=none, it answers 403 and SIGHUP is the way to reload",
+    )
     cors_origins: list[str] = []
     log_level: str = "info"
     log_requests: bool = True
