@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import json
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ import torch
 from harness import camserve
 from helpers import encode, make_bundle, random_image
 
-from camcore.bundle import WEIGHTS_FILE
+from camcore.bundle import METADATA_FILE, WEIGHTS_FILE
 from service.app import create_app
 from service.inference.contract import run_predict
 from service.inference.registry import Pinned, pinned_batch
@@ -188,6 +189,42 @@ async def test_model_control_is_off_by_default_and_behind_the_api_key_when_on(bu
         loaded = await client.post(f"/v2/repository/models/{MODEL}/load", headers={"X-API-Key": "sesame"})
         assert loaded.status_code == 200 and loaded.json()["previous_version"] == first
         assert await version_of(client) == loaded.json()["version"] != first
+
+
+def _damaged(source: Path, root: Path, name: str, damage) -> Path:
+    """A copy of ``source`` whose model.json ``damage`` edits (weights untouched: the checksum still matches)."""
+    copy = root / name / MODEL
+    shutil.copytree(source, copy)
+    meta = json.loads((copy / METADATA_FILE).read_text())
+    damage(meta)
+    (copy / METADATA_FILE).write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda m: m.update(std=[0, 0, 0]), "'std' [0, 0, 0] must lie in (0, 1]"),
+        (lambda m: m.update(mean=[1e308, 0.5, 0.5]), "'mean' [1e+308, 0.5, 0.5] must lie in [0, 1]"),
+        (lambda m: m.update(calibration={"temperature": 0.5, "test": []}), "'calibration.test'"),
+        (lambda m: m.update(gradcam=[]), "'gradcam'"),
+        (lambda m: m["misclassified"][0].update(file="/etc/hostname"), "'/etc/hostname' must be a relative path"),
+    ],
+)
+async def test_a_bundle_the_service_cannot_serve_is_refused_on_reload(served, bundles, tmp_path, damage, message):
+    """Each loaded before (issue 24), and then every answer, /health, the load itself or /misclassified went wrong."""
+    client = served.client
+    first = await version_of(client)
+    point(served.link, _damaged(bundles.second, tmp_path, "damaged", damage))
+    refused = await client.post(f"/v2/repository/models/{MODEL}/load")
+    assert refused.status_code == 400, refused.text
+    assert f"still serving {first}" in refused.json()["error"] and message in refused.json()["error"]
+    assert (await client.get("/health")).status_code == 200 and await version_of(client) == first
+    answer = await client.post("/predict", files=[("files", ("a.png", PNG))])
+    assert answer.status_code == 200 and answer.json()["model_version"] == first
+    total = (await client.get("/misclassified", params={"n": 1})).json()["total"]
+    gallery = (await client.get("/misclassified", params={"n": total})).json()["items"]
+    assert len(gallery) == total > 0 and all(item["file"].startswith("misclassified/") for item in gallery)
 
 
 def test_a_batch_straddling_a_swap_runs_each_image_on_its_own_engine():

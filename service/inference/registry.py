@@ -89,9 +89,11 @@ def build_engine(bundle: Bundle, settings: Settings, device: torch.device) -> En
 
 
 def load_misclassified(bundle: Bundle) -> list[dict]:
+    """The gallery's PNGs, base64; each path checked again to stay inside the bundle (load_bundle did, but
+    the directory may have changed since), and one that is gone skipped."""
     items = []
     for entry in bundle.metadata.get("misclassified", []):
-        path = bundle.path / entry["file"]
+        path = bundle.file(entry["file"])
         if path.is_file():
             items.append({**entry, "image_png": base64.b64encode(path.read_bytes()).decode("ascii")})
     return items
