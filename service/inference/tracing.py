@@ -75,9 +75,3 @@ def traced_forward(forward: nn.Module, example: torch.Tensor) -> torch.jit.Scrip
             _templates[key] = _bind(copy.deepcopy(traced), empty)
             return traced
         return _bind(copy.deepcopy(template), _tensors(forward))
-
-
-def traces_kept() -> int:
-    """Recipes traced in this process so far (each a set of TorchScript functions that lives as long)."""
-    with _lock:
-        return len(_templates)
