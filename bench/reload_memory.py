@@ -98,8 +98,10 @@ async def reload_phase(
         started = time.perf_counter()
         before = {"rss_mib": rss_mib(), "torchscript_functions": torchscript_functions()}
         samples = []
+        precisions: Counter = Counter()  # with precision auto each reload times the modes again, under this load
         for i in range(1, reloads + 1):
-            await asyncio.wait_for(state.registry.reload(), RELOAD_TIMEOUT_S)
+            engine = await asyncio.wait_for(state.registry.reload(), RELOAD_TIMEOUT_S)
+            precisions[engine.precision] += 1
             if i % 10 == 0 or i == reloads:
                 samples.append({"reloads": i, "rss_mib": round(rss_mib(), 1)})
         after = {"rss_mib": rss_mib(), "torchscript_functions": torchscript_functions()}
@@ -115,6 +117,7 @@ async def reload_phase(
         "growth_mib": round(after["rss_mib"] - before["rss_mib"], 1),
         "samples": samples,
         "statuses": {str(code): count for code, count in sorted(statuses.items())},
+        "precisions": dict(precisions),
     }
 
 
@@ -140,15 +143,17 @@ def report(result: dict[str, Any]) -> str:
         f"{result['started']['torchscript_functions']} TorchScript functions.",
         "",
         "| phase | reloads | seconds | RSS before (MiB) | RSS after (MiB) | growth (MiB) | TorchScript functions "
-        "before -> after | answers |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
+        "before -> after | precisions chosen | answers |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for phase in result["phases"]:
         answers = ", ".join(f"{n} x {code}" for code, n in phase["statuses"].items()) or "none sent"
         lines.append(
             f"| {'with traffic' if phase['traffic'] else 'no traffic'} | {phase['reloads']} | {phase['seconds']} | "
             f"{phase['before']['rss_mib']:.0f} | {phase['after']['rss_mib']:.0f} | {phase['growth_mib']} | "
-            f"{phase['before']['torchscript_functions']} -> {phase['after']['torchscript_functions']} | {answers} |"
+            f"{phase['before']['torchscript_functions']} -> {phase['after']['torchscript_functions']} | "
+            + ", ".join(f"{n} x {mode}" for mode, n in phase["precisions"].items())
+            + f" | {answers} |"
         )
     for phase in result["phases"]:
         samples = ", ".join(f"{s['reloads']}: {s['rss_mib']:.0f}" for s in phase["samples"])
@@ -156,6 +161,19 @@ def report(result: dict[str, Any]) -> str:
     if result.get("note"):
         lines += ["", result["note"]]
     return "\n".join(lines) + "\n"
+
+
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line as recorded: the note is the report's last paragraph, not part of the command."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            skip = True
+        elif not arg.startswith("--note="):
+            kept.append(arg)
+    return kept
 
 
 def main() -> None:
@@ -177,7 +195,7 @@ def main() -> None:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
-        "command": " ".join([".venv/bin/python", "bench/reload_memory.py", *sys.argv[1:]]),
+        "command": " ".join([".venv/bin/python", "bench/reload_memory.py", *_without_note(sys.argv[1:])]),
         "model_dir": str(args.model_dir),
         "max_batch_size": args.max_batch_size,
         "precision": args.precision,
