@@ -14,21 +14,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from camcore.bundle_schema import BundleMetadata
 from camcore.network import ARCHITECTURE, CifarResNet, build_network, count_parameters
+from camcore.preprocess import Normalize
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
 MISCLASSIFIED_DIR = "misclassified"
 REQUIRED_KEYS = ("format", "architecture", "classes", "mean", "std", "input_size", "weights_sha256")
+INPUT_SIZE = 32  # what cifar-resnet9 takes (camcore.network), and what uploads are resized to
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_MISCLASSIFIED_BYTES = 1 << 20  # a 32x32 PNG is ~3 KB; /misclassified holds every one in memory
 
 
 class BundleError(RuntimeError):
@@ -72,6 +79,26 @@ class Bundle:
         recorded = self.metadata.get("gradcam", {}).get("default_layer")
         return recorded if recorded in self.model.blocks else self.model.default_cam_layer
 
+    def file(self, name: str) -> Path:
+        """The bundle's file ``name`` (as model.json lists it), checked to lie inside the bundle directory."""
+        return inside(self.path, name)
+
+
+def inside(root: Path, name: str) -> Path:
+    """``root / name`` resolved, refused unless it stays inside ``root``: no absolute path, no ``..``, no
+    symlink (of the file or of a folder on the way) that leads out. A bundle is data from wherever it was
+    copied from; a name in it must never make the service read, or serve, any other file."""
+    if not name or "\x00" in name or "\\" in name:
+        raise BundleError(f"{root / METADATA_FILE}: file name {name!r} is empty or holds a NUL or backslash")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise BundleError(f"{root / METADATA_FILE}: file {name!r} must be a relative path inside the bundle")
+    base = root.resolve()
+    target = (base / relative).resolve()
+    if not target.is_relative_to(base):
+        raise BundleError(f"{root / name}: leads out of the bundle directory (to {target})")
+    return target
+
 
 def sha256_of(path: Path) -> str:
     with path.open("rb") as handle:
@@ -98,15 +125,67 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     classes = metadata["classes"]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise BundleError(f"{meta_path}: 'classes' must be a non-empty list of names")
-    for key in ("mean", "std"):
+    # Pixels are normalised as (x / 255 - mean) / std: a mean outside the pixels' range, or a std of 0 (or
+    # 1e-300, or 1e308), gives infinities and NaN, then every answer is a 500 (issue 24).
+    for key, low, low_open in (("mean", 0.0, False), ("std", 0.0, True)):
         value = metadata[key]
-        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int | float) for v in value)):
-            raise BundleError(f"{meta_path}: '{key}' must be three numbers")
+        numbers = isinstance(value, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        if not (numbers and len(value) == 3 and all(math.isfinite(v) for v in value)):
+            raise BundleError(f"{meta_path}: '{key}' must be three numbers, one per RGB channel")
+        if not all((low < v if low_open else low <= v) and v <= 1 for v in value):
+            bounds = "(0, 1]" if low_open else "[0, 1]"
+            raise BundleError(f"{meta_path}: '{key}' {value} must lie in {bounds} (pixels scaled to [0, 1])")
+    if metadata["input_size"] != INPUT_SIZE or isinstance(metadata["input_size"], bool):
+        raise BundleError(f"{meta_path}: 'input_size' {metadata['input_size']!r}, {ARCHITECTURE} takes {INPUT_SIZE}")
     calibration = metadata.get("calibration", {})
     temperature = calibration.get("temperature", 1.0) if isinstance(calibration, dict) else None
     if not (isinstance(temperature, int | float) and not isinstance(temperature, bool) and 0 < temperature < 1e3):
         raise BundleError(f"{meta_path}: 'calibration.temperature' must be a positive number")
+    try:
+        BundleMetadata.model_validate(metadata, strict=True)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"'{'.'.join(map(str, error['loc']))}': {error['msg']}" for error in exc.errors(include_url=False)[:3]
+        )
+        more = f" (and {exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+        raise BundleError(f"{meta_path}: not what the service reads: {problems}{more}") from None
     return metadata
+
+
+def _check_misclassified(path: Path, metadata: dict[str, Any]) -> None:
+    """Every listed image inside the bundle, a PNG of a sane size, labelled with the bundle's classes. One that
+    is absent is skipped by the service (the gallery is optional), so it is allowed here too."""
+    classes = set(metadata["classes"])
+    for entry in metadata.get("misclassified", []):
+        file = inside(path, entry["file"])
+        unknown = {entry["true_label"], entry["predicted_label"]} - classes
+        if unknown:
+            raise BundleError(f"{path / METADATA_FILE}: misclassified {entry['file']!r}: unknown labels {unknown}")
+        if not file.is_file():
+            continue
+        with file.open("rb") as handle:
+            head = handle.read(len(PNG_SIGNATURE))
+        if head != PNG_SIGNATURE or file.stat().st_size > MAX_MISCLASSIFIED_BYTES:
+            raise BundleError(f"{file}: not a PNG of at most {MAX_MISCLASSIFIED_BYTES} bytes")
+
+
+@torch.inference_mode()
+def _check_outputs(path: Path, model: CifarResNet, metadata: dict[str, Any]) -> None:
+    """Finite probabilities on one noise image (every grey level from black to white, ~0.1 s), normalised,
+    through the network and divided by the temperature as served (camcore.forward's steps; that module
+    builds on this one): what no check on one value alone can see, NaN or infinite weights, and weights
+    and normalisation that overflow together."""
+    temperature = float(metadata.get("calibration", {}).get("temperature", 1.0))
+    probe = torch.randint(0, 256, (1, 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8, generator=torch.Generator())
+    logits = model(Normalize(metadata["mean"], metadata["std"])(probe)).float()
+    if torch.isfinite((logits / temperature).softmax(1)).all():
+        return
+    for name, tensor in model.state_dict().items():  # only now, to name the culprit (a scan costs as much)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise BundleError(f"{path / WEIGHTS_FILE}: '{name}' holds NaN or infinity")
+    raise BundleError(
+        f"{path}: the network answers NaN or infinity with this bundle's weights, mean, std and temperature"
+    )
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -118,10 +197,13 @@ def load_bundle(path: str | Path) -> Bundle:
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"{path}: bundle directory does not exist")
+    inside(path, METADATA_FILE)
     metadata = _read_metadata(path)
+    _check_misclassified(path, metadata)
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise BundleError(f"{weights_path}: missing")
+    inside(path, WEIGHTS_FILE)
     actual = sha256_of(weights_path)
     if actual != metadata["weights_sha256"]:
         raise BundleError(
@@ -141,6 +223,12 @@ def load_bundle(path: str | Path) -> Bundle:
         ) from exc
     model.eval()
     model.requires_grad_(False)
+    recorded_layer = metadata.get("gradcam", {}).get("default_layer")
+    if recorded_layer is not None and recorded_layer not in model.blocks:
+        raise BundleError(
+            f"{path / METADATA_FILE}: 'gradcam.default_layer' {recorded_layer!r} is none of {list(model.blocks)}"
+        )
+    _check_outputs(path, model, metadata)
     return Bundle(model=model, metadata=metadata, path=path)
 
 

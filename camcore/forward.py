@@ -51,10 +51,10 @@ def with_weights_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def view_mean_probabilities(logits: torch.Tensor, temperature: float, views: int) -> torch.Tensor:
+def view_mean_probabilities(logits: torch.Tensor, temperature: float | torch.Tensor | None, views: int) -> torch.Tensor:
     """The recipe's step 4, its one definition: fp32 logits of every view, (views x N, classes), each
-    divided by the temperature, softmaxed, and averaged over the views -> (N, classes)."""
-    if temperature != 1.0:
+    divided by the temperature (None: none), softmaxed, and averaged over the views -> (N, classes)."""
+    if temperature is not None:
         logits = logits / temperature
     probabilities = logits.softmax(1)  # outside autocast: always in fp32
     if views == 2:
@@ -90,6 +90,12 @@ class ServedForward(nn.Module):
         self.dtype = AUTOCAST_DTYPES[precision]
         self.normalize = Normalize(mean, std).to(device)
         self.model = model if self.dtype is None else with_weights_in(model, self.dtype)
+        # The divisor as a tensor too, so a trace reads it rather than baking the number into its graph:
+        # one traced graph then serves every bundle's temperature (service/inference/tracing.py). Bit for
+        # bit the same quotient as dividing by the float (float32 either way).
+        self.register_buffer(
+            "temperature_divisor", torch.tensor(self.temperature, dtype=torch.float32, device=device), persistent=False
+        )
 
     @classmethod
     def from_bundle(
@@ -128,7 +134,8 @@ class ServedForward(nn.Module):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Step 4: fp32 logits of every view, (views x N, classes) -> (N, classes) probabilities."""
-        return view_mean_probabilities(logits, self.temperature, self.views)
+        divisor = self.temperature_divisor if self.temperature != 1.0 else None
+        return view_mean_probabilities(logits, divisor, self.views)
 
     # -- whole passes ----------------------------------------------------------------------------
     def view_logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from camcore.bundle import Bundle, load_bundle
 from service import tracing
 from service.api.page import mount_static
 from service.api.routes import ROUTERS as API_ROUTERS
+from service.decoding.budget import release_free_memory
 from service.decoding.pool import DecodeLimits, Decoder
 from service.grpc.server import GrpcServer
 from service.http.auth import document_security
@@ -209,7 +210,7 @@ def create_app(
         version="0.1.0",
         lifespan=_lifespan(bundle, cpus),
     )
-    registry = EngineRegistry(settings, on_install=metrics.model_installed)
+    registry = EngineRegistry(settings, on_install=metrics.model_installed, release_memory=release_free_memory)
     app.state.camserve = ServiceState(settings=settings, metrics=metrics, registry=registry, worker=worker)
     install_error_handlers(app, metrics, settings.retry_after_s)
     for router in (*API_ROUTERS, *OIP_ROUTERS):

@@ -83,10 +83,13 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(15.0, gt=0, description="a connection without a request in progress is closed")
     max_connections: int = Field(1000, ge=1, description="open connections (or requests) before 503s")
 
-    model_control: bool = Field(
-        False, description="allow the model repository's load requests (REST and gRPC) to reload the bundle"
-    )
     api_key: SecretStr | None = Field(None, description="when set, the API needs it (X-API-Key or Bearer)")
+    model_control: bool = Field(
+        False,
+        description="allow the repository's load requests, REST and gRPC (hot reload; behind the API key when one "
+        "is set); off, as Triton's --model-control-mode=none, REST answers 403, gRPC FAILED_PRECONDITION, and "
+        "SIGHUP is the way to reload",
+    )
     cors_origins: list[str] = []
     log_level: str = "info"
     log_requests: bool = True

@@ -213,7 +213,7 @@ def tiny_bundle(tmp_path: Path, bundle_dir: Path, cache_dir: Path) -> tuple[Path
         val_images=20,
         val_accuracy=val_accuracy,
         dataset={"source": "folder", "location": str(folder), "train_images": 40},
-        cam_faithfulness={"written": "by someone else"},
+        notes={"written": "by someone else"},
     )
     (bundle_path / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     return bundle_path, folder

@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import json
 import os
+import re
 import shutil
 import signal
 import time
 import weakref
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +25,7 @@ import torch
 from harness import camserve
 from helpers import encode, make_bundle, random_image
 
-from camcore.bundle import WEIGHTS_FILE
+from camcore.bundle import METADATA_FILE, WEIGHTS_FILE
 from service.app import create_app
 from service.inference.contract import run_predict
 from service.inference.registry import Pinned, pinned_batch
@@ -56,7 +61,9 @@ def point(link: Path, target: Path) -> None:
 async def served(bundles: SimpleNamespace, tmp_path: Path):
     link = tmp_path / "current"
     point(link, bundles.first)
-    settings = Settings(model_dir=link, precision="fp32", max_batch_size=4, queue_size=256, log_requests=False)
+    settings = Settings(
+        model_dir=link, precision="fp32", max_batch_size=4, queue_size=256, log_requests=False, model_control=True
+    )
     app = create_app(settings)
     async with (
         app.router.lifespan_context(app),
@@ -150,6 +157,78 @@ async def test_a_corrupt_bundle_is_refused_and_the_old_one_keeps_serving(served,
     assert with_parameters.status_code == 400 and "no parameters" in with_parameters.json()["error"]
 
 
+@asynccontextmanager
+async def app_serving(link: Path, **settings: object) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(Settings(model_dir=link, precision="fp32", max_batch_size=4, log_requests=False, **settings))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://camserve", timeout=60) as client,
+    ):
+        yield client
+
+
+async def test_model_control_is_off_by_default_and_behind_the_api_key_when_on(bundles, tmp_path):
+    """As Triton's --model-control-mode=none: by default no client can make the service rebuild its engine."""
+    assert Settings().model_control is False
+    link = tmp_path / "current"
+    point(link, bundles.first)
+    async with app_serving(link) as client:
+        first = await version_of(client)
+        point(link, bundles.second)  # a reload would now change the version
+        refused = await client.post(f"/v2/repository/models/{MODEL}/load")
+        assert refused.status_code == 403
+        assert "CAMSERVE_MODEL_CONTROL=true" in refused.json()["error"] and "SIGHUP" in refused.json()["error"]
+        assert (await client.post("/v2/repository/models/resnet50/load")).status_code == 403  # names nothing
+        assert await version_of(client) == first
+        index = (await client.post("/v2/repository/index")).json()  # reading the repository stays open
+        assert index == [{"name": MODEL, "version": first, "state": "READY", "reason": ""}]
+
+    point(link, bundles.first)
+    async with app_serving(link, model_control=True, api_key="sesame") as client:
+        point(link, bundles.second)
+        assert (await client.post(f"/v2/repository/models/{MODEL}/load")).status_code == 401
+        assert await version_of(client) == first
+        loaded = await client.post(f"/v2/repository/models/{MODEL}/load", headers={"X-API-Key": "sesame"})
+        assert loaded.status_code == 200 and loaded.json()["previous_version"] == first
+        assert await version_of(client) == loaded.json()["version"] != first
+
+
+def _damaged(source: Path, root: Path, name: str, damage) -> Path:
+    """A copy of ``source`` whose model.json ``damage`` edits (weights untouched: the checksum still matches)."""
+    copy = root / name / MODEL
+    shutil.copytree(source, copy)
+    meta = json.loads((copy / METADATA_FILE).read_text())
+    damage(meta)
+    (copy / METADATA_FILE).write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda m: m.update(std=[0, 0, 0]), "'std' [0, 0, 0] must lie in (0, 1]"),
+        (lambda m: m.update(mean=[1e308, 0.5, 0.5]), "'mean' [1e+308, 0.5, 0.5] must lie in [0, 1]"),
+        (lambda m: m.update(calibration={"temperature": 0.5, "test": []}), "'calibration.test'"),
+        (lambda m: m.update(gradcam=[]), "'gradcam'"),
+        (lambda m: m["misclassified"][0].update(file="/etc/hostname"), "'/etc/hostname' must be a relative path"),
+    ],
+)
+async def test_a_bundle_the_service_cannot_serve_is_refused_on_reload(served, bundles, tmp_path, damage, message):
+    """Each loaded before (issue 24), and then every answer, /health, the load itself or /misclassified went wrong."""
+    client = served.client
+    first = await version_of(client)
+    point(served.link, _damaged(bundles.second, tmp_path, "damaged", damage))
+    refused = await client.post(f"/v2/repository/models/{MODEL}/load")
+    assert refused.status_code == 400, refused.text
+    assert f"still serving {first}" in refused.json()["error"] and message in refused.json()["error"]
+    assert (await client.get("/health")).status_code == 200 and await version_of(client) == first
+    answer = await client.post("/predict", files=[("files", ("a.png", PNG))])
+    assert answer.status_code == 200 and answer.json()["model_version"] == first
+    total = (await client.get("/misclassified", params={"n": 1})).json()["total"]
+    gallery = (await client.get("/misclassified", params={"n": total})).json()["items"]
+    assert len(gallery) == total > 0 and all(item["file"].startswith("misclassified/") for item in gallery)
+
+
 def test_a_batch_straddling_a_swap_runs_each_image_on_its_own_engine():
     """The batchers' run_batch: one call per engine in the batch, rows back in the batch's order."""
 
@@ -177,7 +256,8 @@ def test_sighup_and_tritonclient_load_reload_a_real_server(bundles, tmp_path):
     link = tmp_path / "current"
     point(link, bundles.first)
     key = {"X-API-Key": "sesame"}
-    with camserve(link, tmp_path / "server.log", precision="fp32", max_batch_size="4", api_key="sesame") as running:
+    settings = {"precision": "fp32", "max_batch_size": "4", "api_key": "sesame", "model_control": "true"}
+    with camserve(link, tmp_path / "server.log", **settings) as running:
         base, process = running.base_url, running.process
         first = httpx.get(f"{base}/health").json()["model"]["version"]
         client = tritonclient_http.InferenceServerClient(base.removeprefix("http://"))
@@ -214,17 +294,20 @@ async def test_a_replaced_engine_is_freed(served, bundles):
     assert first() is None
 
 
-def test_a_load_request_reloads_every_worker_of_a_multi_worker_service(bundles, tmp_path):
-    """With CAMSERVE_WORKERS=2 the load request reaches one worker; the supervisor has the other reload too."""
+@pytest.mark.server
+def test_a_load_request_reloads_every_worker_of_a_multi_worker_service_exactly_once(bundles, tmp_path):
+    """With CAMSERVE_WORKERS=2 the load request reaches one worker; the supervisor has the other reload too,
+    and only the other: each worker swaps in the new bundle once (issue 24: the asking worker reloaded twice)."""
     link = tmp_path / "current"
     point(link, bundles.first)
     settings = {"workers": "2", "precision": "fp32", "max_batch_size": "4", "log_requests": "false"}
-    with camserve(link, tmp_path / "server.log", **settings) as running:
+    with camserve(link, tmp_path / "server.log", model_control="true", **settings) as running:
         base = running.base_url
         deadline = time.monotonic() + 120
-        while httpx.get(f"{base}/health", timeout=10).json()["workers"]["ready"] < 2:
+        while (workers := httpx.get(f"{base}/health", timeout=10).json()["workers"])["ready"] < 2:
             assert time.monotonic() < deadline, "two workers never became ready"
             time.sleep(0.2)
+        pids = {slot["pid"] for slot in workers["slots"]}
 
         def versions(count: int = 16) -> set[str]:
             """What fresh connections (spread over the workers by the kernel) are answered with."""
@@ -244,13 +327,20 @@ def test_a_load_request_reloads_every_worker_of_a_multi_worker_service(bundles, 
             assert time.monotonic() < deadline + 120, "a worker kept serving the old bundle"
             time.sleep(0.2)
         assert all(versions(32) == {new} for _ in range(2))
-        # The worker that was asked reloaded, and the supervisor's SIGHUP reloaded the other one only:
-        # two swaps, one per worker (a SIGHUP to the asker too would make three).
-        while running.log_path.read_text().count(" reloaded test-bundle: ") < 2:
-            assert time.monotonic() < deadline + 240, running.log_path.read_text()[-3000:]
+
+        # The supervisor says how many workers its SIGHUP reloads; once those and the asking worker have
+        # logged their swap, every reload this load request caused is in the log.
+        def log() -> str:
+            return running.log_path.read_text()
+
+        while (signalled := re.search(r"SIGHUP: reloading the bundle in (\d+) worker", log())) is None:
+            assert time.monotonic() < deadline + 240, log()[-3000:]
             time.sleep(0.2)
-        settle = time.monotonic() + 5  # a third reload, if any, would follow within a second of the second
-        while time.monotonic() < settle:
-            assert running.log_path.read_text().count(" reloaded test-bundle: ") == 2, running.log_path.read_text()
+        reloads = re.compile(r"\[(\d+)\] camserve\.reload: reloaded test-bundle: ")
+        while len(reloads.findall(log())) < 1 + int(signalled.group(1)):
+            assert time.monotonic() < deadline + 240, log()[-3000:]
             time.sleep(0.2)
         assert running.process.poll() is None
+        assert int(signalled.group(1)) == 1  # only the worker that was not asked
+        per_worker = Counter(int(pid) for pid in reloads.findall(log()))
+        assert per_worker == dict.fromkeys(pids, 1), per_worker

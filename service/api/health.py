@@ -44,8 +44,9 @@ def served_test_accuracy(meta: dict[str, Any], tta: str) -> float | None:
 
 
 def _cam_faithfulness(meta: dict[str, Any]) -> dict[str, Any] | None:
-    """The bundle's ROAD table (``bench/cam_faithfulness.py``), or None when it has none or a malformed one:
-    a bad optional key in model.json must not take /health down."""
+    """The bundle's ROAD table (``bench/cam_faithfulness.py``), or None when it has none. load_bundle refuses a
+    malformed one (camcore/bundle_schema.py); the fallback stays so that nothing in model.json takes /health
+    down, whoever built the Bundle."""
     record = meta.get("cam_faithfulness")
     if record is None:
         return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+# The bundle's own tables, answered as model.json records them (and as load_bundle verified them).
+from camcore.bundle_schema import CalibrationComparison, CamFaithfulness
 from service.http.errors import error_responses
 
 
@@ -55,30 +57,6 @@ class LayerInfo(BaseModel):
     jump: int
 
 
-class ReliabilityBin(BaseModel):
-    lower: float = Field(description="the bin holds images whose top-1 probability is in (lower, upper]")
-    upper: float
-    count: int
-    confidence: float | None = Field(description="mean top-1 probability in the bin; null when empty")
-    accuracy: float | None = Field(description="fraction of the bin's images whose top-1 class is right")
-
-
-class CalibrationMetrics(BaseModel):
-    images: int
-    accuracy: float
-    ece: float = Field(description="expected calibration error, top-1, equal-width bins")
-    nll: float = Field(description="mean negative log-likelihood of the true class")
-    brier: float = Field(description="mean squared distance to the one-hot label, summed over classes")
-    mean_confidence: float
-    reliability: list[ReliabilityBin]
-
-
-class CalibrationComparison(BaseModel):
-    before: CalibrationMetrics = Field(description="T = 1: the network's own probabilities")
-    after: CalibrationMetrics = Field(description="with the bundle's temperature, as served")
-    top1_changed: int = Field(description="test images whose top-1 class the temperature changed")
-
-
 class CalibrationInfo(BaseModel):
     temperature: float = Field(description="every view's logits are divided by T before its softmax")
     fitted_for_tta: str | None = Field(None, examples=["flip"], description="the TTA mode T was fitted for")
@@ -109,33 +87,6 @@ class ModelInfo(BaseModel):
     hardware: str | None = None
     dataset: dict | str | None
     calibration: CalibrationInfo | None = Field(None, description="temperature scaling; null if not calibrated")
-
-
-class BestCam(BaseModel):
-    method: str
-    layer: str
-    road: float
-
-
-class CamFaithfulness(BaseModel):
-    """Mean ROAD per method and layer on test images, measured by ``bench/cam_faithfulness.py``."""
-
-    metric: str = Field(examples=["ROAD"])
-    definition: str
-    images: int = Field(description="test images scored per method and layer")
-    precision: str
-    test_time_augmentation: str
-    target: str = Field(examples=["predicted class"])
-    layers: list[str]
-    road: dict[str, dict[str, float]] = Field(
-        description="method (and 'random', a random heatmap for scale) -> layer -> mean ROAD"
-    )
-    standard_error: dict[str, dict[str, float]]
-    best: BestCam
-    machine: str
-    command: str
-    started: str
-    seconds: float
 
 
 class GradcamInfo(BaseModel):

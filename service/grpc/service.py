@@ -154,7 +154,7 @@ class InferenceService:
         """Reload the bundle at CAMSERVE_MODEL_DIR (either model's name reloads both), where model control is on."""
         self._authorized(context)
         state = self.state
-        if not getattr(state.settings, "model_control", False):
+        if not state.settings.model_control:
             state.metrics.rejections.labels("model_control_off").inc()
             raise Abort(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from camcore.cam import class_activation_maps
 from camcore.forward import AUTOCAST_DTYPES, Precision, ServedForward, TestTimeAugmentation
 from camcore.road import road_scores
 from service.inference.jobs import GradcamJob, GradcamRow
+from service.inference.tracing import traced_forward
 
 log = logging.getLogger("camserve.engine")
 
@@ -132,11 +132,9 @@ class TorchEngine:
             return None, f"off on {self.device.type} (measured on CPU only)"
         example = torch.randint(0, 256, (self.batch_size, 3, 32, 32), dtype=torch.uint8, device=self.device)
         try:
-            with warnings.catch_warnings():
-                # Deprecated in favour of torch.compile/torch.export, neither of which runs a whole pass in C++
-                # with the GIL released, the point here; if trace goes away, /predict runs eagerly (below).
-                warnings.filterwarnings("ignore", r"`torch\.jit\.trace", FutureWarning)
-                traced = torch.jit.trace(self.forward, example, check_trace=False)
+            # Traced once per process and recipe, then reused bound to these weights: a trace per build
+            # leaked ~100 MB per reload (service/inference/tracing.py).
+            traced = traced_forward(self.forward, example)
             with torch.jit.optimized_execution(False):
                 same = all(torch.equal(traced(x), self.forward(x)) for x in (example, example[:3]))
         except Exception as exc:  # an op the tracer cannot record: eager mode still works

@@ -16,6 +16,11 @@ from service.protocol.model import repository_index as models_index
 
 router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"])
 
+MODEL_CONTROL_OFF = (
+    "model control is off: set CAMSERVE_MODEL_CONTROL=true to reload over HTTP (behind CAMSERVE_API_KEY when one is "
+    "set), or send the server SIGHUP"
+)
+
 
 @router.post(
     "/repository/index",
@@ -30,10 +35,15 @@ async def repository_index(state: AuthorizedState) -> list[dict[str, str]]:
 @router.post(
     "/repository/models/{name}/load",
     response_model=LoadResult,
-    responses=errors(400, 401, 404, 408, 413, 503),
-    summary="Reload the bundle at CAMSERVE_MODEL_DIR: verified, warmed, then swapped in between batches",
+    responses=errors(400, 401, 403, 404, 408, 413, 503),
+    summary="Reload the bundle at CAMSERVE_MODEL_DIR: verified, warmed, then swapped in between batches "
+    "(with CAMSERVE_MODEL_CONTROL=true)",
 )
 async def load(request: Request, state: AuthorizedState, name: str) -> dict[str, Any]:
+    if not state.settings.model_control:
+        # Off by default, as Triton's --model-control-mode=none: each reload builds and warms a whole engine
+        # (seconds of a model thread), which no client should be able to ask for unless the operator says so.
+        raise HTTPException(403, MODEL_CONTROL_OFF)
     serving(state, name)
     body = await request.body()
     if body.strip():
