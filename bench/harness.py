@@ -137,18 +137,23 @@ def request(method: str, url: str, body: Body | None = None, timeout: float = 60
 Samples = dict[tuple[str, frozenset], float]
 
 
-def scrape(base_url: str, timeout: float = 10.0) -> Samples:
-    """One /metrics scrape, parsed by prometheus-client: (sample name, labels) -> value."""
+def parse_metrics(text: str) -> Samples:
+    """Prometheus' text format, parsed by prometheus-client itself: (sample name, labels) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def scrape(base_url: str, timeout: float = 10.0) -> Samples:
+    """One /metrics scrape of a running server, parsed (:func:`parse_metrics`)."""
     status, text = request("GET", f"{base_url}/metrics", timeout=timeout)
     if status != 200:
         raise RuntimeError(f"{base_url}/metrics answered {status}")
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text.decode())
-        for sample in family.samples
-    }
+    return parse_metrics(text.decode())
 
 
 def metric(samples: Samples, name: str, **labels: str) -> float:

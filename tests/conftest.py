@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-# tests/ for helpers; bench/ for the server harness and fixtures the benchmarks share (bench never imports tests)
+# tests/ for helpers; bench/ for the kit (harness.py) and fixtures the benchmarks share (bench never imports tests)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "bench"))
 
@@ -50,3 +51,51 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
+
+
+# -- the tiers: a test that starts a process says so ------------------------------------------------
+# Every way Python starts a process raises one of these audit events (multiprocessing's fork and
+# forkserver included; its spawn goes through _posixsubprocess, wrapped below).
+SPAWN_EVENTS = frozenset({"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system"})
+_spawn_allowed = True  # outside a test's setup, call and teardown (collection, session start)
+_current_test = ""
+
+
+def _refuse_unmarked_spawns(event: str, args: tuple) -> None:
+    if event in SPAWN_EVENTS and not _spawn_allowed:
+        command = args[1] if event == "subprocess.Popen" else args[:1]  # never the environment
+        raise RuntimeError(
+            f"{_current_test} starts a process ({event}: {str(command)[:200]}) but is not marked "
+            "@pytest.mark.server: the fast tier (make test-fast) must start none"
+        )
+
+
+sys.addaudithook(_refuse_unmarked_spawns)
+
+
+def _guard_multiprocessing_spawn() -> None:
+    """multiprocessing's spawn start method reaches _posixsubprocess without an audit event."""
+    import multiprocessing.util as mp_util
+
+    spawnv_passfds = mp_util.spawnv_passfds
+
+    def audited(path, args, passfds):
+        sys.audit("os.posix_spawn", path, args, None)
+        return spawnv_passfds(path, args, passfds)
+
+    mp_util.spawnv_passfds = audited
+
+
+_guard_multiprocessing_spawn()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """While a test runs (its setup, which starts module fixtures' servers, to its teardown), it may
+    start processes only if it is marked ``server``."""
+    global _spawn_allowed, _current_test
+    _spawn_allowed, _current_test = item.get_closest_marker("server") is not None, item.nodeid
+    try:
+        return (yield)
+    finally:
+        _spawn_allowed, _current_test = True, ""
