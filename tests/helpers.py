@@ -157,4 +157,3 @@ def grad_cam_by_hand(model: torch.nn.Module, x: torch.Tensor, layer: str, target
     cam = F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     cam = cam - cam.min()  # min-max once more after upsampling, as pytorch-grad-cam's BaseCAM aggregates
     return cam / (cam.max() + 1e-7)
-

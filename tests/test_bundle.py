@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import run_camserve
 from helpers import make_bundle
 from safetensors.torch import load_file, save_file
 
@@ -118,15 +117,10 @@ def test_a_malicious_pickle_never_runs(bundle: Path, tmp_path: Path):
     assert marker.exists()
 
 
+@pytest.mark.server
 def test_service_refuses_to_start_on_a_bad_bundle(bundle: Path):
     (bundle / METADATA_FILE).write_text("[]")
-    result = subprocess.run(
-        [sys.executable, "-m", "service"],
-        env={"CAMSERVE_MODEL_DIR": str(bundle), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_camserve(bundle)
     assert result.returncode == 2
     assert f"cannot start: {bundle / METADATA_FILE}: expected a JSON object" in result.stderr
 
