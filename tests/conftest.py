@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,9 @@ def _refuse_unmarked_spawns(event: str, args: tuple) -> None:
 
 
 sys.addaudithook(_refuse_unmarked_spawns)
+# platform.processor() runs `uname -p` once per process and keeps the answer (Lightning asks for it):
+# asked here, before any test, no in-process test is taken for one that starts a process.
+platform.processor()
 
 
 def _guard_multiprocessing_spawn() -> None:
