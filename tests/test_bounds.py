@@ -508,14 +508,16 @@ def test_head_is_answered_where_get_is(server: Server, path: str) -> None:
 
 @pytest.mark.server
 def test_redirects_are_relative_and_reflect_no_host(server: Server) -> None:
-    # Both are redirected (a trailing slash is added); neither Location may name a host, the Host
-    # header's or one smuggled in the path, and both stay on this site's /static/.
-    for path in ("/static", "//evil.example/static"):
-        response = httpx.get(f"{server.base_url}{path}", headers={"Host": "evil.example"}, follow_redirects=False)
-        assert response.is_redirect, (path, response.status_code, response.text)
-        location = response.headers["location"]
-        assert "evil.example" not in location and not location.startswith(("//", "http")), (path, location)
-        assert location == "/static/", (path, location)
+    evil = {"Host": "evil.example"}
+    # /static is redirected (a trailing slash added), and the Location names no host, the Host header's least.
+    response = httpx.get(f"{server.base_url}/static", headers=evil, follow_redirects=False)
+    assert response.is_redirect and response.headers["location"] == "/static/", (response, response.headers)
+    # A path that reads as another host is not found, or redirected on this site: never off it.
+    response = httpx.get(f"{server.base_url}//evil.example/static", headers=evil, follow_redirects=False)
+    assert response.status_code == 404 or (response.is_redirect and response.headers["location"] == "/static/"), (
+        response,
+        response.headers,
+    )
     assert httpx.get(f"{server.base_url}/static/index.html").status_code == 200
 
 
