@@ -33,6 +33,9 @@ schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
+# Thirty generated requests to each of some twenty operations, each on an app of its own: a minute or so.
+pytestmark = pytest.mark.slow
+
 EXAMPLES_PER_OPERATION = 30
 API_KEY = "schema-test-key"
 
