@@ -11,14 +11,20 @@
 #
 # It installs torch from PyTorch's CPU wheel index (TORCH_CPU_INDEX_URL; empty: pip's configured
 # sources, e.g. a local mirror or find-links that hold a +cpu wheel) at the version pinned in
-# pyproject.toml, or TORCH_CPU_VERSION (serving needs torch 2.13 or newer).
+# requirements/serve.lock, or TORCH_CPU_VERSION (serving needs torch 2.13 or newer).
+#
+# Every other package comes from the lock, pinned and checked against its sha256 (pip --require-hashes):
+# requirements/serve.lock for the CUDA image (torch and its CUDA libraries from PyPI, hashed too),
+# requirements/serve-cpu.lock for the CPU image (the same less torch and its CUDA libraries). The CPU
+# build of torch is the one package installed unhashed: PyTorch's CPU index is not where the locks are
+# compiled (`make lock`), so its wheels' hashes cannot be recorded there.
 #
 # Four stages:
 #   base     the Python 3.11 runtime (the official slim image by default; any Debian-family image
 #            whose apt can install python3.11 works too, e.g. a locally imported debootstrap rootfs,
 #            see docker/build-and-smoke.sh) plus tini as PID 1.
-#   builder  a virtual environment at /opt/venv with the project's runtime dependencies (torch pinned;
-#            no Lightning, no torchvision: those live in the `train` extra) and the camserve wheel.
+#   builder  a virtual environment at /opt/venv with the project's runtime dependencies from the lock
+#            (no Lightning, no torchvision: those live in the `train` extra) and the camserve wheel.
 #   bundle   the shipped model bundle, permissions fixed.
 #   runtime  base + /opt/venv + the bundle, run as an unprivileged user.
 #
@@ -64,25 +70,22 @@ RUN if ! python3.11 -c 'import ensurepip' >/dev/null 2>&1; then \
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
-# Dependencies first, from pyproject.toml alone, so that code changes do not reinstall torch.
-# The CPU variant installs torch first, on its own, so that nothing else pulls in the CUDA build.
-COPY pyproject.toml ./
+# Dependencies first, from the lock alone, so that code changes do not reinstall torch.
+# The CPU variant installs torch first, on its own and without its dependencies (the lock has them).
+COPY requirements/serve.lock requirements/serve-cpu.lock ./requirements/
 # DL3013: torch's version is pinned, through a build argument hadolint cannot read.
 # hadolint ignore=DL3013
-RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        > /tmp/requirements.txt \
-    && cat /tmp/requirements.txt \
-    && case "${TORCH_VARIANT}" in \
-        cuda) pip install -r /tmp/requirements.txt ;; \
-        cpu) pinned=$(sed -n 's/^torch==//p' /tmp/requirements.txt) \
-            && pip install ${TORCH_CPU_INDEX_URL:+--index-url "${TORCH_CPU_INDEX_URL}"} "torch==${TORCH_CPU_VERSION:-${pinned}}" \
-            && grep -v '^torch\b' /tmp/requirements.txt > /tmp/requirements-cpu.txt \
-            && pip install -r /tmp/requirements-cpu.txt \
+RUN case "${TORCH_VARIANT}" in \
+        cuda) pip install --require-hashes -r requirements/serve.lock ;; \
+        cpu) pinned=$(sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements/serve.lock) \
+            && pip install --no-deps ${TORCH_CPU_INDEX_URL:+--index-url "${TORCH_CPU_INDEX_URL}"} "torch==${TORCH_CPU_VERSION:-${pinned}}" \
+            && pip install --require-hashes -r requirements/serve-cpu.lock \
             && python -c 'import sys, torch; sys.exit(f"CUDA build of torch {torch.__version__} in the CPU image" if torch.version.cuda else 0)' \
             && pip freeze > /tmp/installed.txt \
             && if grep -i '^nvidia-' /tmp/installed.txt; then echo "CUDA libraries in the CPU image" >&2; exit 1; fi ;; \
         *) echo "TORCH_VARIANT must be cuda or cpu, not '${TORCH_VARIANT}'" >&2; exit 1 ;; \
-    esac
+    esac \
+    && pip check
 
 # Then the project itself, as a wheel, without touching the dependencies.
 COPY README.md ./

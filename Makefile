@@ -1,25 +1,47 @@
-# Newcomer commands: `make serve` and `make test`. Both set up .venv on first use.
+# Newcomer commands: `make serve` and `make test`. Both set up .venv on first use, from the lock
+# (requirements/dev.lock: every package pinned and hashed; `make lock` refreshes it from pyproject.toml).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# The fast tier: in process only (tests/conftest.py fails a test there that starts a process), 60 s a test at most.
+FAST := -m "not server and not browser and not slow" --timeout=60
+# Locks are resolved for the images' platform: CPython 3.11 on x86-64 Linux (glibc 2.28 or newer).
+LOCK := $(VENV)/bin/uv pip compile pyproject.toml --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 DATA ?= ../shared/data/cifar10-jpeg.tar.gz
 EPOCHS ?= 20
 RUN_DIR ?= runs/cifar10
 BUNDLE ?= models/cifar10-resnet
 
-.PHONY: install test serve train export lint format bench clean proto
+.PHONY: install test test-fast serve train export lint format lock bench clean proto
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/dev.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --require-hashes -r requirements/dev.lock
+	$(PY) -m pip install --no-deps -e .
 	touch $@
 
 install: $(STAMP)
 
+# Everything, as CI runs it: the in-process tests, the real servers on loopback, the browser.
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The in-process tier: no server, no subprocess, no browser; a minute or two.
+test-fast: $(STAMP)
+	$(PY) -m pytest $(FAST)
+
+# Pin and hash what pyproject.toml asks for: the CUDA image (serve.lock, torch from PyPI), the CPU image
+# (serve-cpu.lock: the same less torch and its CUDA libraries, which come from PyTorch's CPU index) and
+# the dev/CI venv (dev.lock). Versions already locked are kept; `make lock UPGRADE=--upgrade` moves them.
+lock: $(STAMP)
+	$(LOCK) $(UPGRADE) -o requirements/serve.lock
+	$(LOCK) $(UPGRADE) --no-emit-package torch \
+		$$(grep -oE '^(nvidia-|cuda-|triton)[a-z0-9.-]*' requirements/serve.lock | sed 's/^/--no-emit-package /') \
+		-o requirements/serve-cpu.lock
+	$(LOCK) $(UPGRADE) --extra dev -o requirements/dev.lock
 
 serve: $(STAMP)
 	CAMSERVE_HOST=$${CAMSERVE_HOST:-127.0.0.1} CAMSERVE_PORT=$${CAMSERVE_PORT:-8000} $(PY) -m service

@@ -22,16 +22,12 @@ import contextlib
 import datetime as dt
 import io
 import json
-import os
 import resource
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,8 +37,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import free_port, multipart_body, require_hey, run_hey, server_env, stop_group, wait_ready
-from serve_bench import load_images, machine_info
+from harness import Server, camserve, machine_info, multipart_body, request, require_hey, rss_bytes, run_hey
+from serve_bench import load_images
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -82,11 +78,6 @@ def gradient(kind: str, width: int, height: int) -> bytes:
 
 
 # -- calibrate ------------------------------------------------------------------------------------
-def _rss_bytes(pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _peak_rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -104,7 +95,7 @@ def measure_one(path: Path) -> dict:
         decode_image(warm.getvalue(), "warm", max_pixels=10**9)
     probe = probe_image(path.read_bytes(), path.name, max_pixels=10**9)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
-    before = _rss_bytes()
+    before = rss_bytes()
     started = time.perf_counter()
     decode_probed(probe)
     seconds = time.perf_counter() - started
@@ -140,62 +131,33 @@ def calibrate(args: argparse.Namespace) -> dict:
 
 
 # -- memory ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def server(tree: Path, workdir: Path, name: str, code: str | None = None, **settings: str) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    env = {
-        **server_env(),
-        "CAMSERVE_MODEL_DIR": str(MODEL_DIR),
-        "CAMSERVE_PORT": str(port),
-        "CAMSERVE_HOST": "127.0.0.1",
-        "CAMSERVE_LOG_REQUESTS": "false",
-        **{f"CAMSERVE_{k.upper()}": v for k, v in settings.items()},
-    }
-    command = [PYTHON, "-c", code] if code else [PYTHON, "-m", "service"]
+def server(
+    tree: Path, workdir: Path, name: str, code: str | None = None, **settings: str
+) -> contextlib.AbstractContextManager[Server]:
+    """``python -m service`` from ``tree`` (or ``python -c code`` there: a patched service) on the shipped bundle."""
+    command = [PYTHON, "-c", code] if code else None
     log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            wait_ready(process, f"http://127.0.0.1:{port}/readyz", log, 300)
-            yield f"http://127.0.0.1:{port}", process.pid
-        finally:
-            stop_group(process)
+    return camserve(MODEL_DIR, log, name=name, tree=tree, command=command, log_requests="false", **settings)
 
 
 def post(url: str, files: list[tuple[str, bytes]], timeout: float = 120) -> int:
-    boundary = "camservebounds"
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n\r\n'.encode()
-        + data
-        + b"\r\n"
-        for name, data in files
-    ]
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    request = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            response.read()
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    """One multipart POST (parts without a Content-Type); its status."""
+    body = multipart_body(files, boundary="camservebounds", part_type=None)
+    return request("POST", url, body, timeout=timeout)[0]
 
 
 def burst(base: str, pid: int, files: list[tuple[str, bytes]], clients: int, settle_s: float) -> dict:
     """RSS before, at the peak of (sampled every 20 ms) and ``settle_s`` after ``clients`` concurrent uploads."""
     post(f"{base}/predict", [("warm.png", gradient("png_rgb", 32, 32))])
     time.sleep(1.0)
-    before = _rss_bytes(pid)
+    before = rss_bytes(pid)
     peak = before
     stop = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, _rss_bytes(pid))
+            peak = max(peak, rss_bytes(pid))
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample)
@@ -206,9 +168,9 @@ def burst(base: str, pid: int, files: list[tuple[str, bytes]], clients: int, set
     seconds = time.perf_counter() - started
     stop.set()
     sampler.join()
-    after_1s = (time.sleep(1.0), _rss_bytes(pid))[1]
+    after_1s = (time.sleep(1.0), rss_bytes(pid))[1]
     time.sleep(max(0.0, settle_s - 1.0))
-    after = _rss_bytes(pid)
+    after = rss_bytes(pid)
     codes: dict[str, int] = {}
     for status in statuses:
         codes[str(status)] = codes.get(str(status), 0) + 1
@@ -245,8 +207,8 @@ def memory(args: argparse.Namespace) -> dict:
                 image = gradient(kind, width, height)
                 files = [(f"{burst_name}{i}.{kind.split('_')[0]}", image) for i in range(per_request)]
                 settings = dict(pair.split("=", 1) for pair in args.set)
-                with server(Path(tree), workdir, name, code, **settings) as (base, pid):
-                    row = burst(base, pid, files, clients, args.settle)
+                with server(Path(tree), workdir, name, code, **settings) as running:
+                    row = burst(running.base_url, running.pid, files, clients, args.settle)
                 row = {
                     "tree": name,
                     "variant": args.variant if code else "",
@@ -284,14 +246,14 @@ def allocator_one(mode: str, kind: str) -> dict:
         libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
     data = gradient(kind, 4000, 3000)
     decode_image(gradient("png_rgba", 300, 300), "warm", max_pixels=10**9)
-    before = _rss_bytes()
+    before = rss_bytes()
     peak = before
     stop = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, _rss_bytes())
+            peak = max(peak, rss_bytes())
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample)
@@ -300,7 +262,7 @@ def allocator_one(mode: str, kind: str) -> dict:
         list(pool.map(lambda i: decode_image(data, f"{i}", max_pixels=10**9), range(16)))
     stop.set()
     sampler.join()
-    after = _rss_bytes()
+    after = rss_bytes()
     trim_s = None
     if mode == "trim":
         started = time.perf_counter()
@@ -311,7 +273,7 @@ def allocator_one(mode: str, kind: str) -> dict:
         "kind": kind,
         "peak_mib": (peak - before) / 2**20,
         "after_mib": (after - before) / 2**20,
-        "after_trim_mib": (_rss_bytes() - before) / 2**20,
+        "after_trim_mib": (rss_bytes() - before) / 2**20,
         "trim_s": trim_s,
     }
 
@@ -328,7 +290,7 @@ def http(args: argparse.Namespace) -> dict:
         bases = {}
         for name, _, tree in targets:
             code = H11 if name.endswith("h11") else None
-            bases[name] = stack.enter_context(server(Path(tree), workdir, name, code, tta="none"))[0]
+            bases[name] = stack.enter_context(server(Path(tree), workdir, name, code, tta="none")).base_url
         for round_index in range(args.rounds):
             for name in bases:
                 url = f"{bases[name]}/predict"

@@ -35,8 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the service package, from a plain checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from front_bench import cpu_model, cpu_seconds, server_pids
-from harness import camserve, multipart_body, require_hey, run_hey
+from harness import camserve, cpu_model, multipart_body, process_cpu_seconds, require_hey, run_hey, server_pids
 
 from camcore.bundle import load_bundle
 from camcore.forward import ServedForward
@@ -92,11 +91,11 @@ def main() -> None:
             pids = server_pids(server.pid)
             before = ceiling.measure(args.ceiling_seconds)
             for index in range(args.rounds):
-                cpu_started = sum(cpu_seconds(pid) for pid in pids)
+                cpu_started = sum(process_cpu_seconds(pid) for pid in pids)
                 point = run_hey(hey, url, body, concurrency=args.concurrency, seconds=args.seconds)
-                server_cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_started
+                server_cpu = sum(process_cpu_seconds(pid) for pid in pids) - cpu_started
                 after = ceiling.measure(args.ceiling_seconds)
-                ok = point["status_codes"].get(200, point["status_codes"].get("200", 0))
+                ok = point["status_codes"].get("200", 0)
                 images_per_s = ok / point["total_s"]
                 ceiling_ips = (before["images_per_s"] + after["images_per_s"]) / 2
                 ceiling_cpu = (before["cpu_us_per_image"] + after["cpu_us_per_image"]) / 2

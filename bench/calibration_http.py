@@ -18,11 +18,7 @@ import concurrent.futures
 import datetime as dt
 import json
 import os
-import platform
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -34,6 +30,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # the kit, also under `python -m`
+
+from harness import camserve, cpu_model  # noqa: E402
 
 from camcore.calibration import calibration_report  # noqa: E402
 
@@ -55,50 +54,9 @@ def test_jpegs(archive: Path) -> list[tuple[str, bytes, str]]:
     return rows
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model_dir: Path, tta: str, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CAMSERVE_")}
-    env |= {
-        "CAMSERVE_MODEL_DIR": str(model_dir),
-        "CAMSERVE_HOST": "127.0.0.1",
-        "CAMSERVE_PORT": str(port),
-        "CAMSERVE_TTA": tta,
-        "CAMSERVE_LOG_REQUESTS": "false",
-        "PYTHONUNBUFFERED": "1",
-    }
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(process)
-    raise TimeoutError(f"server not ready: {log_path.read_text()[-2000:]}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def server(model_dir: Path, tta: str, log_path: Path):
+    """``python -m service`` with every setting at the service's default but the TTA mode (and no request log)."""
+    return camserve(model_dir, log_path, inherit_settings=False, tta=tta, log_requests="false")
 
 
 def served_probabilities(base: str, images: list[tuple[str, bytes, str]], classes: list[str]) -> torch.Tensor:
@@ -128,15 +86,7 @@ def served_probabilities(base: str, images: list[tuple[str, bytes, str]], classe
 
 
 def machine() -> str:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor() or "unknown CPU",
-    )
-    return f"{model}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
+    return f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
 
 
 def torchmetrics_ece(probabilities: torch.Tensor, labels: torch.Tensor) -> float | None:
@@ -169,16 +119,13 @@ def main() -> None:
     print(f"server logs in {logs}", flush=True)
     results = {}
     for tta in ("flip", "none"):
-        process, base = start_server(Path(args.model_dir), tta, logs / f"server_{tta}.log")
-        try:
-            health = httpx.get(f"{base}/health", timeout=30).json()
+        with server(Path(args.model_dir), tta, logs / f"server_{tta}.log") as running:
+            health = httpx.get(f"{running.base_url}/health", timeout=30).json()
             classes = health["model"]["classes"]
             labels = torch.tensor([classes.index(label) for _, _, label in images])
             began = time.monotonic()
-            probabilities = served_probabilities(base, images, classes)
+            probabilities = served_probabilities(running.base_url, images, classes)
             seconds = time.monotonic() - began
-        finally:
-            stop_server(process)
         report = calibration_report(probabilities, labels).to_json()
         results[tta] = {
             "device": health["device"],

@@ -24,7 +24,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -35,6 +34,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # the kit, also under `python -m`
+
+from harness import cpu_model  # noqa: E402
 
 from camcore.bundle import METADATA_FILE, load_bundle  # noqa: E402
 from camcore.cam import to_heatmaps  # noqa: E402
@@ -47,13 +49,6 @@ from training import data  # noqa: E402
 
 RANDOM = "random"
 RESULTS = REPO / "bench" / "results"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def default_archive() -> Path:
@@ -214,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "road": road,
         "standard_error": errors,
         "best": {"method": best_method, "layer": best_layer, "road": road[best_method][best_layer]},
-        "machine": f"{cpu_name()}, {torch.get_num_threads()} torch threads",
+        "machine": f"{cpu_model()}, {torch.get_num_threads()} torch threads",
         "command": "python " + shlex.join([*sys.argv[:1], *(argv if argv is not None else sys.argv[1:])]),
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(work["seconds"], 1),  # scoring time, summed over resumed runs

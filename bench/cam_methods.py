@@ -33,6 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import harness
 import serve_bench as sb
 
 from camcore.bundle import load_bundle
@@ -44,13 +45,13 @@ from service.inference.torch_engine import TorchEngine
 RESULTS = sb.RESULTS / "cam_methods"
 
 
-def hey_gradcam(plan: sb.Plan, server: sb.Server, query: str, body: sb.Body, concurrency: int) -> sb.Point:
+def hey_gradcam(plan: sb.Plan, server: harness.Server, query: str, body: harness.Body, concurrency: int) -> sb.Point:
     url = f"{server.base_url}/gradcam?{query}"
-    status, answer = sb.request("POST", url, body)
+    status, answer = harness.request("POST", url, body)
     if status != 200:
         raise RuntimeError(f"{url}: {status} {answer[:300]!r}")
-    sb.run_hey(plan.hey, url, body, concurrency=concurrency, seconds=plan.warmup_s)
-    parsed = sb.run_hey(plan.hey, url, body, concurrency=concurrency, seconds=plan.duration_s)
+    harness.run_hey(plan.hey, url, body, concurrency=concurrency, seconds=plan.warmup_s)
+    parsed = harness.run_hey(plan.hey, url, body, concurrency=concurrency, seconds=plan.duration_s)
     point = sb.hey_point("camserve", f"/gradcam?{query}", 1, concurrency, parsed)
     print(sb.format_point(point), flush=True)
     return point
@@ -134,16 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    machine = sb.machine_info()
-    plan = sb.Plan(sb.require_hey("hey"), args.duration, args.warmup, [args.concurrency], args.concurrency)
+    machine = harness.machine_info()
+    plan = sb.Plan(harness.require_hey("hey"), args.duration, args.warmup, [args.concurrency], args.concurrency)
     pngs = sb.load_images(args.model_dir / "misclassified")
     points: list[sb.Point] = []
     with tempfile.TemporaryDirectory(prefix="cam-methods-") as tmp:
         workdir = Path(tmp)
-        body = sb.multipart_body(pngs[:1], workdir / "one.body")
-        launcher = sb.Launcher(workdir, sb.DEFAULT_START_TIMEOUT_S)
+        body = harness.multipart_body(pngs[:1], workdir / "one.body")
+        launcher = sb.Launcher(workdir, harness.DEFAULT_START_TIMEOUT_S)
         with launcher.camserve("camserve", args.model_dir) as server:
-            health = json.loads(sb.request("GET", server.base_url + "/health")[1])
+            health = json.loads(harness.request("GET", server.base_url + "/health")[1])
             for method in [*METHODS, "gradcam"]:
                 points.append(hey_gradcam(plan, server, f"method={method}", body, args.concurrency))
             road_point = hey_gradcam(plan, server, "method=gradcam&faithfulness=road", body, args.concurrency)

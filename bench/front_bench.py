@@ -18,37 +18,38 @@ import io
 import json
 import os
 import platform
-import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kit and fixtures, also under `python -m`
+from fixtures import encode, random_image
+from harness import (
+    Body,
+    camserve,
+    cpu_model,
+    metric,
+    multipart_body,
+    process_cpu_seconds,
+    raw_body,
+    require_hey,
+    run_hey,
+    scrape,
+    server_pids,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-TICKS = os.sysconf("SC_CLK_TCK")
 BOUNDARY = "camservebenchboundary"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def cifar_png() -> bytes:
-    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
+    """A 32x32 noise PNG (seed 0): the size of image the network takes, so no resize is measured."""
+    return encode(random_image(0))
 
 
 def photo_jpeg() -> bytes:
@@ -62,27 +63,9 @@ def photo_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-def multipart(name: str, data: bytes) -> bytes:
-    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-    head += "Content-Type: application/octet-stream\r\n\r\n"
-    return head.encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14 and 15 of stat)
-
-
-def server_pids(root: int) -> list[int]:
-    """The started process and its descendants (uvicorn's workers; not multiprocessing's tracker)."""
-    pids, frontier = [root], [root]
-    while frontier:
-        pid = frontier.pop()
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                pids.append(int(child))
-                frontier.append(int(child))
-    return pids
+def upload(name: str, data: bytes, path: Path | None = None) -> Body:
+    """One file under ``files``, as the front benchmarks have always sent it (fixed boundary, octet-stream)."""
+    return multipart_body([(name, data)], path, boundary=BOUNDARY, part_type="application/octet-stream")
 
 
 def process_name(pid: int) -> str:
@@ -90,82 +73,45 @@ def process_name(pid: int) -> str:
     return "resource_tracker" if "resource_tracker" in command else "worker" if "multiprocessing" in command else "main"
 
 
-@contextmanager
-def server(workers: int, env_extra: dict[str, str], log: Path):
-    port = free_port()
-    env = {
-        **os.environ,
-        "CAMSERVE_HOST": "127.0.0.1",
-        "CAMSERVE_PORT": str(port),
-        "CAMSERVE_WORKERS": str(workers),
-        "CAMSERVE_LOG_REQUESTS": "false",
-        "CAMSERVE_LOG_LEVEL": "warning",
-        **env_extra,
+def server(workers: int, settings: dict[str, str], log: Path):
+    """``python -m service`` with ``workers`` processes, every one ready; request logs off."""
+    return camserve(None, log, workers=workers, log_requests="false", log_level="warning", **settings)
+
+
+def hey_run(hey: str, url: str, body: Body, concurrency: int, seconds: float) -> dict:
+    parsed = run_hey(hey, url, body, concurrency=concurrency, seconds=seconds)
+    latency = {
+        f"p{p}_ms": parsed["percentiles_s"][p] * 1000 if p in parsed["percentiles_s"] else None for p in (50, 99)
     }
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=REPO, stdout=out, stderr=out)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=5).json()["workers"]["ready"] == workers:
-                    break
-            except (httpx.HTTPError, KeyError, ValueError):
-                pass
-            time.sleep(0.3)
-        else:
-            raise TimeoutError("server not ready")
-        yield base, process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def run_hey(url: str, body: Path, content_type: str, concurrency: int, seconds: float) -> dict:
-    command = ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST", "-T", content_type]
-    command += ["-D", str(body), url]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
-    latency = {}
-    for pct in ("50", "99"):
-        match = re.search(rf"{pct}%+ in ([\d.]+) secs", out)
-        latency[f"p{pct}_ms"] = float(match.group(1)) * 1000 if match else None
-    return {"codes": codes, **latency}
+    return {"codes": {int(code): n for code, n in parsed["status_codes"].items()}, **latency}
 
 
 def batch_totals(base: str, endpoint: str) -> tuple[float, float]:
     """(images, batches) run so far for the endpoint, over every worker (one scrape)."""
-    sums = {}
-    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
-        for name in ("camserve_batch_size_sum", "camserve_batch_size_count"):
-            if line.startswith(name + "{") and f'endpoint="{endpoint}"' in line:
-                sums[name] = float(line.rsplit(" ", 1)[1])
-    return sums.get("camserve_batch_size_sum", 0.0), sums.get("camserve_batch_size_count", 0.0)
+    samples = scrape(base)
+    return (
+        metric(samples, "camserve_batch_size_sum", endpoint=endpoint),
+        metric(samples, "camserve_batch_size_count", endpoint=endpoint),
+    )
 
 
-def measure(base: str, root: int, url_path: str, body: Path, content_type: str, args) -> dict:
+def measure(hey: str, base: str, root: int, url_path: str, body: Body, args) -> dict:
     pids = server_pids(root)
     images_before, batches_before = batch_totals(base, args.endpoint)
-    before = {pid: cpu_seconds(pid) for pid in pids}
+    before = {pid: process_cpu_seconds(pid) for pid in pids}
     started = time.perf_counter()
-    hey = run_hey(base + url_path, body, content_type, args.concurrency, args.seconds)
+    result = hey_run(hey, base + url_path, body, args.concurrency, args.seconds)
     elapsed = time.perf_counter() - started
-    after = {pid: cpu_seconds(pid) for pid in pids}
+    after = {pid: process_cpu_seconds(pid) for pid in pids}
     images_after, batches_after = batch_totals(base, args.endpoint)
-    ok = hey["codes"].get(200, 0)
+    ok = result["codes"].get(200, 0)
     per_process = {f"{process_name(pid)}:{pid}": round((after[pid] - before[pid]) * 1e6 / max(ok, 1)) for pid in pids}
     return {
         "requests_ok": ok,
-        "codes": hey["codes"],
+        "codes": result["codes"],
         "req_per_s": round(ok / elapsed, 1),
-        "p50_ms": hey["p50_ms"],
-        "p99_ms": hey["p99_ms"],
+        "p50_ms": result["p50_ms"],
+        "p99_ms": result["p99_ms"],
         "mean_batch": round((images_after - images_before) / max(batches_after - batches_before, 1), 2),
         "cpu_us_per_request": round(sum(after[p] - before[p] for p in pids) * 1e6 / max(ok, 1)),
         "cpu_us_per_request_by_process": per_process,
@@ -186,24 +132,23 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS / "front_bench.json")
     args = parser.parse_args()
 
+    hey = require_hey()
     scratch = Path(tempfile.mkdtemp(prefix="front-bench-"))
     small, photo = cifar_png(), photo_jpeg()
     payloads = {
-        "multipart": (multipart("cifar.png", small), f"multipart/form-data; boundary={BOUNDARY}"),
-        "raw": (small, "image/png"),
-        "photo": (photo, "image/jpeg"),  # raw body: the photo's bytes dominate either way
+        "multipart": upload("cifar.png", small, scratch / "multipart.bin"),
+        "raw": raw_body(small, "image/png", scratch / "raw.bin"),
+        "photo": raw_body(photo, "image/jpeg", scratch / "photo.bin"),  # the photo's bytes dominate either way
     }
-    env = {"CAMSERVE_ENGINE": args.engine, "CAMSERVE_NULL_BATCH_MS": str(args.null_batch_ms), "CAMSERVE_TTA": args.tta}
+    settings = {"engine": args.engine, "null_batch_ms": str(args.null_batch_ms), "tta": args.tta}
     rows = []
     for workers in args.workers:
-        with server(workers, env, scratch / f"server-{workers}.log") as (base, process):
+        with server(workers, settings, scratch / f"server-{workers}.log") as running:
             for name in args.bodies:
-                data, content_type = payloads[name]
-                body = scratch / f"{name}.bin"
-                body.write_bytes(data)
-                run_hey(base + args.endpoint, body, content_type, args.concurrency, 1.0)  # warm the connections
-                row = {"workers": workers, "body": name, "body_bytes": len(data)}
-                row |= measure(base, process.pid, args.endpoint, body, content_type, args)
+                body = payloads[name]
+                hey_run(hey, running.base_url + args.endpoint, body, args.concurrency, 1.0)  # warm the connections
+                row = {"workers": workers, "body": name, "body_bytes": len(body.data)}
+                row |= measure(hey, running.base_url, running.pid, args.endpoint, body, args)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
@@ -231,13 +176,6 @@ def main() -> None:
             f"| {row['workers']} | {row['body']} | {row['req_per_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
             f"| {row['mean_batch']} | {row['cpu_us_per_request']} | {by} |"
         )
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -12,19 +12,16 @@ own overhead inflates small calls: read the shares, not the absolute figures).
 from __future__ import annotations
 
 import argparse
-import os
 import pstats
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from front_bench import BOUNDARY, REPO, cifar_png, free_port, multipart, photo_jpeg, run_hey
+from front_bench import cifar_png, hey_run, photo_jpeg, upload
+from harness import camserve, raw_body, require_hey, wait_until
 
 LAUNCHER = """
 import cProfile, signal, sys
@@ -47,45 +44,27 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
 
+    hey = require_hey()
     scratch = Path(tempfile.mkdtemp(prefix="front-profile-"))
-    data, content_type = {
-        "multipart": (multipart("cifar.png", cifar_png()), f"multipart/form-data; boundary={BOUNDARY}"),
-        "raw": (cifar_png(), "image/png"),
-        "photo": (photo_jpeg(), "image/jpeg"),
-    }[args.body]
-    body = scratch / "body.bin"
-    body.write_bytes(data)
-    port = free_port()
-    env = {
-        **os.environ,
-        "CAMSERVE_PORT": str(port),
-        "CAMSERVE_WORKERS": "1",
-        "CAMSERVE_ENGINE": "null",
-        "CAMSERVE_LOG_REQUESTS": "false",
-        "CAMSERVE_LOG_LEVEL": "warning",
-    }
+    body = {
+        "multipart": lambda: upload("cifar.png", cifar_png(), scratch / "body.bin"),
+        "raw": lambda: raw_body(cifar_png(), "image/png", scratch / "body.bin"),
+        "photo": lambda: raw_body(photo_jpeg(), "image/jpeg", scratch / "body.bin"),
+    }[args.body]()
     profile = scratch / "front.prof"
     command = [sys.executable, "-c", LAUNCHER, str(profile)]
-    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    run_hey(f"{base}/predict", body, content_type, args.concurrency, 1.0)  # warm: connections, first calls
-    process.send_signal(signal.SIGUSR1)
-    hey = run_hey(f"{base}/predict", body, content_type, args.concurrency, args.seconds)
-    process.send_signal(signal.SIGUSR2)
-    while not profile.exists():
-        time.sleep(0.1)
-    time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    process.wait(120)
-    ok = hey["codes"].get(200, 0)
+    settings = {"workers": "1", "engine": "null", "log_requests": "false", "log_level": "warning"}
+    with camserve(None, scratch / "server.log", command=command, **settings) as server:
+        url = f"{server.base_url}/predict"
+        hey_run(hey, url, body, args.concurrency, 1.0)  # warm: connections, first calls
+        server.process.send_signal(signal.SIGUSR1)
+        result = hey_run(hey, url, body, args.concurrency, args.seconds)
+        server.process.send_signal(signal.SIGUSR2)
+        wait_until(profile.exists, 60, what="the profile dump")
+        time.sleep(0.5)  # dump_stats writes the file in several steps
+    ok = result["codes"].get(200, 0)
     stats = pstats.Stats(str(profile))
-    print(f"# {args.body} body ({len(data)} bytes), {ok} requests answered 200 at c={args.concurrency}")
+    print(f"# {args.body} body ({len(body.data)} bytes), {ok} requests answered 200 at c={args.concurrency}")
     print(f"# profiled CPU of the event-loop thread per request: {stats.total_tt * 1e6 / ok:.0f} us (with cProfile)")
     rows = []
     for (file, line, name), (_, calls, tottime, cumtime, _) in stats.stats.items():

@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from front_bench import cpu_model  # noqa: E402
-from harness import camserve, free_port  # noqa: E402
+from harness import camserve, cpu_model, free_port  # noqa: E402
 
 IMAGE = ROOT / "service" / "static" / "examples" / "cat.png"
 

@@ -30,8 +30,6 @@ import argparse
 import json
 import os
 import resource
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,8 +42,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the service p
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from c32_ratio import Ceiling
 from floor_apps import APPS
-from front_bench import BOUNDARY, REPO, cifar_png, cpu_model, cpu_seconds, free_port, multipart, server, server_pids
-from harness import Body, log_tail, parse_hey, require_hey
+from front_bench import REPO, cifar_png, server, upload
+from harness import (
+    Body,
+    cpu_model,
+    free_port,
+    process_cpu_seconds,
+    raw_body,
+    require_hey,
+    run_hey,
+    server_env,
+    server_pids,
+    serving,
+)
 
 from service.decoding.probe import decode_image
 
@@ -68,19 +77,16 @@ def model_cost(model_dir: Path, precision: str, seconds: float) -> dict:
 
 def run_load(hey: str, url: str, body: Body, concurrency: int, seconds: float, pids: list[int]) -> dict:
     """hey against ``url``; CPU per answered request of the server's processes and of hey itself."""
-    command = [hey, "-z", f"{seconds:g}s", "-c", str(concurrency), "-t", "30", "-m", "POST"]
-    command += ["-T", body.content_type, "-D", str(body.path), url]
-    before = {pid: cpu_seconds(pid) for pid in pids}
+    before = {pid: process_cpu_seconds(pid) for pid in pids}
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    parsed = run_hey(hey, url, body, concurrency=concurrency, seconds=seconds, request_timeout_s=30)
     elapsed = time.perf_counter() - started
     after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_cpu = sum(cpu_seconds(pid) - before[pid] for pid in pids)
+    server_cpu = sum(process_cpu_seconds(pid) - before[pid] for pid in pids)
     client_cpu = (after_children.ru_utime - children.ru_utime) + (after_children.ru_stime - children.ru_stime)
-    parsed = parse_hey(done.stdout)
-    ok = parsed["status_codes"].get("200", parsed["status_codes"].get(200, 0))
-    if not ok or set(parsed["status_codes"]) - {"200", 200}:
+    ok = parsed["status_codes"].get("200", 0)
+    if not ok or set(parsed["status_codes"]) - {"200"}:
         raise RuntimeError(f"unexpected answers from {url}: {parsed['status_codes']} {parsed['errors'][:2]}")
     return {
         "requests_ok": ok,
@@ -91,41 +97,22 @@ def run_load(hey: str, url: str, body: Body, concurrency: int, seconds: float, p
 
 
 def floor_app(hey: str, app: str, body: Body, args: argparse.Namespace, scratch: Path) -> dict:
+    """One of bench/floor_apps.py under uvicorn (httptools, one process); ready once it accepts connections."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", f"floor_apps:{app}", "--app-dir", str(REPO / "bench")]
     command += ["--host", "127.0.0.1", "--port", str(port), "--http", "httptools", "--no-access-log"]
     command += ["--log-level", "warning"]
-    log = scratch / f"{app}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=out)
-    try:
-        url = f"http://127.0.0.1:{port}/predict"
-        wait_listening(process, port, log)
-        run_load(hey, url, body, args.concurrency, 1.0, [process.pid])  # warm-up
-        return run_load(hey, url, body, args.concurrency, args.seconds, [process.pid])
-    finally:
-        process.terminate()
-        process.wait(30)
-
-
-def wait_listening(process: subprocess.Popen, port: int, log: Path, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log_tail(log)}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listening on {port} within {timeout_s:g} s:\n{log_tail(log)}")
+    with serving(app, command, server_env(), port, scratch / f"{app}.log", ready_path=None, start_timeout_s=60) as up:
+        url = f"{up.base_url}/predict"
+        run_load(hey, url, body, args.concurrency, 1.0, [up.pid])  # warm-up
+        return run_load(hey, url, body, args.concurrency, args.seconds, [up.pid])
 
 
 def camserve_front(hey: str, kind: str, body: Body, args: argparse.Namespace, scratch: Path) -> dict:
-    env = {"CAMSERVE_ENGINE": "null", "CAMSERVE_TTA": "none"}
-    with server(1, env, scratch / f"camserve-{kind}.log") as (base, process):
-        pids = server_pids(process.pid)
-        run_load(hey, base + "/predict", body, args.concurrency, 1.0, pids)
-        return run_load(hey, base + "/predict", body, args.concurrency, args.seconds, pids)
+    with server(1, {"engine": "null", "tta": "none"}, scratch / f"camserve-{kind}.log") as running:
+        pids = server_pids(running.pid)
+        run_load(hey, running.base_url + "/predict", body, args.concurrency, 1.0, pids)
+        return run_load(hey, running.base_url + "/predict", body, args.concurrency, args.seconds, pids)
 
 
 def bound(model_us: float, front_us: float, client_us: float) -> float:
@@ -181,15 +168,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="http-floor-") as tmp:
         scratch = Path(tmp)
         png = cifar_png()
-        upload = Body(multipart("a.png", png), f"multipart/form-data; boundary={BOUNDARY}", 1, scratch / "mp.bin")
-        raw = Body(png, "image/png", 1, scratch / "raw.bin")
-        for body in (upload, raw):
-            body.path.write_bytes(body.data)
+        multipart = upload("a.png", png, scratch / "mp.bin")
+        raw = raw_body(png, "image/png", scratch / "raw.bin")
         rows: dict[str, dict] = {}
         for app in APPS:
             print(f"[floor] {app}", flush=True)
-            rows[app] = floor_app(hey, app, upload, args, scratch)
-        for kind, body in (("multipart", upload), ("raw", raw)):
+            rows[app] = floor_app(hey, app, multipart, args, scratch)
+        for kind, body in (("multipart", multipart), ("raw", raw)):
             print(f"[camserve] null engine, {kind}", flush=True)
             rows[f"camserve, null engine, {kind}"] = camserve_front(hey, kind, body, args, scratch)
     print("[model] batch 32", flush=True)

@@ -34,7 +34,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -48,7 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the service package, from a plain checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_report and harness, also under `python -m`
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_report and the kit, also under `python -m`
 
 import harness
 from harness import (
@@ -58,6 +57,7 @@ from harness import (
     Server,
     free_port,
     log_tail,
+    machine_info,
     multipart_body,
     request,
     require_hey,
@@ -323,28 +323,6 @@ def percentile_fn(values: list[float]) -> Callable[[float], float]:
 
 
 # -- the run ------------------------------------------------------------------------------------
-def machine_info() -> dict:
-    """Enough to tell two result files apart: CPU, cores, versions, and how busy the box was."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "cpu model")):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "load_average_at_start": os.getloadavg(),
-        "niceness": os.nice(0),
-    }
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="bundle (default: %(default)s)")

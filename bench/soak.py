@@ -1,7 +1,7 @@
 """Soak run (issue 7): a real server at a steady rate for N minutes; memory and p99 must stay flat.
 
 Not part of CI: it takes minutes and wants a quiet machine. It starts ``python -m service`` on a
-free loopback port (with ``bench/harness.py``, the one launcher tests and benchmarks share), drives
+free loopback port (with ``bench/harness.py``, the kit tests and benchmarks share), drives
 ``POST /predict`` with ``hey`` in one-minute windows at a fixed rate, and samples the server's
 resident memory (``VmRSS``) throughout. Per window it records requests, answered rate, 503s,
 errors, latency percentiles, and RSS before, after and at peak; then writes
@@ -30,15 +30,25 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_BUNDLE = REPO / "models" / "cifar10-resnet"
 sys.path.insert(0, str(REPO))  # the packages, from a plain checkout
 sys.path.insert(0, str(REPO / "bench"))  # harness and fixtures, also under `python -m`
 
 from fixtures import encode, make_bundle, random_image  # noqa: E402
-from harness import Body, camserve, multipart_body, require_hey, run_hey  # noqa: E402
+from harness import (  # noqa: E402
+    Body,
+    camserve,
+    cpu_model,
+    machine_cpu_seconds,
+    metric,
+    multipart_body,
+    process_cpu_seconds,
+    require_hey,
+    rss_bytes,
+    run_hey,
+    scrape,
+)
 
 
 @dataclass
@@ -60,50 +70,32 @@ class Window:
     cpu_s: dict[str, float]  # server, other (everything else on the machine), steal
 
 
-def metric_samples(base: str) -> list:
-    """Every sample the server's /metrics exposes, read with prometheus-client's own parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
-
-
 def server_counters(base: str) -> dict[str, float]:
     """Sums and counts of the /predict batch histograms."""
     histograms = ("camserve_batch_size", "camserve_inference_seconds", "camserve_queue_wait_seconds")
-    wanted = {f"{name}{suffix}" for name in histograms for suffix in ("_sum", "_count")}
+    samples = scrape(base)
     return {
-        sample.name: sample.value
-        for sample in metric_samples(base)
-        if sample.name in wanted and sample.labels.get("endpoint") == "/predict"
+        f"{name}{suffix}": metric(samples, f"{name}{suffix}", endpoint="/predict")
+        for name in histograms
+        for suffix in ("_sum", "_count")
     }
 
 
-def per_batch(before: dict[str, float], after: dict[str, float], metric: str, scale: float = 1.0) -> float | None:
-    count = after.get(f"{metric}_count", 0.0) - before.get(f"{metric}_count", 0.0)
-    total = after.get(f"{metric}_sum", 0.0) - before.get(f"{metric}_sum", 0.0)
+def per_batch(before: dict[str, float], after: dict[str, float], name: str, scale: float = 1.0) -> float | None:
+    count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+    total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
     return round(scale * total / count, 2) if count else None
 
 
 def cpu_seconds(pid: int) -> tuple[float, float, float]:
     """(this process's CPU s, the whole machine's busy CPU s, steal s) since boot, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    process = (int(fields[11]) + int(fields[12])) / tick  # utime + stime, all threads
-    cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = cpu[3] + cpu[4]  # idle + iowait
-    steal = cpu[7] if len(cpu) > 7 else 0
-    busy = sum(cpu[:8]) - idle - steal
-    return process, busy / tick, steal / tick
+    return (process_cpu_seconds(pid), *machine_cpu_seconds())
 
 
 # -- the server's memory ----------------------------------------------------------------------------
 def rss_mb(pid: int) -> float:
-    """Resident set size from /proc (no psutil needed): what the kernel charges the server for."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"process {pid} has no VmRSS")
+    """Resident set size from /proc: what the kernel charges the server for."""
+    return rss_bytes(pid) / 2**20
 
 
 class RssSampler:
@@ -188,7 +180,11 @@ def soak_window(
 
 
 def rejections_by_reason(base: str) -> dict[str, float]:
-    return {s.labels["reason"]: s.value for s in metric_samples(base) if s.name == "camserve_rejections_total"}
+    return {
+        dict(labels)["reason"]: value
+        for (name, labels), value in scrape(base).items()
+        if name == "camserve_rejections_total"
+    }
 
 
 def summarise(windows: list[Window], rss_start: float, rss_end: float) -> dict:
@@ -253,15 +249,7 @@ def write_report(out: Path, report: dict) -> None:
 
 
 def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        "unknown CPU",
-    )
-    return f"{os.cpu_count()} x {cpu}"
+    return f"{os.cpu_count()} x {cpu_model()}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

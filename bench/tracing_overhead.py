@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from front_bench import cpu_model  # noqa: E402
+from harness import cpu_model  # noqa: E402
 
 from service import tracing  # noqa: E402
 

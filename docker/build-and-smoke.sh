@@ -40,7 +40,7 @@
 #                           https://download.pytorch.org/whl/cpu, the Dockerfile's default)
 #   CAMSERVE_TORCH_CPU_VERSION    the CPU image's torch (default: the newest torch-*+cpu wheel in
 #                           pip's find-links folders, where the index is pip's own (on this
-#                           project's machines 2.13.0+cpu); otherwise pyproject.toml's pin)
+#                           project's machines 2.13.0+cpu); otherwise requirements/serve.lock's pin)
 #   CAMSERVE_PODMAN_LAYERS  podman build --layers      (default false: vfs stores every layer as
 #                           a full copy, and the venv alone is ~5.5 GB)
 #   CAMSERVE_SMOKE_OVERRIDE 0 skips the second run (mounted bundle, read-only root, no

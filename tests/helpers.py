@@ -4,7 +4,9 @@ benchmarks share."""
 
 from __future__ import annotations
 
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +19,16 @@ __all__ = [
     "CLASSES",
     "animation",
     "encode",
+    "gif_declaring",
     "grad_cam_by_hand",
+    "jpeg_declaring",
     "make_bundle",
     "make_image_folder",
+    "png_declaring",
     "random_image",
     "real_test_slice",
     "served_probabilities",
+    "webp_declaring",
 ]
 
 
@@ -37,6 +43,50 @@ def animation(count: int, fmt: str = "GIF", seed: int = 0) -> tuple[bytes, Image
     extra = {"lossless": True} if fmt == "WEBP" else {}
     data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=10, **extra)
     return data, frames[0].convert("RGB")
+
+
+# -- bombs: headers that declare huge images, with next to nothing behind them --------------------------
+# The service prices an image from its header alone, so a test of that pricing needs only the header:
+# these take microseconds, where encoding a real 5000x5000 image takes seconds and hundreds of MiB.
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_declaring(width: int, height: int, colour_type: int = 6, bit_depth: int = 8) -> bytes:
+    """A PNG whose IHDR declares ``width`` x ``height`` (colour type 6: RGBA, 0: grey, 2: RGB, at
+    ``bit_depth``) followed by one tiny IDAT: opens like the real thing, decodes to nothing."""
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def webp_declaring(width: int, height: int, alpha: bool = True) -> bytes:
+    """A lossless WebP whose VP8L header declares ``width`` x ``height`` (libwebp's demuxer reads the
+    size from it when the file is opened) and whose bitstream is a few bytes of nothing."""
+    bits = (width - 1) | (height - 1) << 14 | int(alpha) << 28  # version 0 in the top 3 bits
+    payload = b"\x2f" + struct.pack("<I", bits) + bytes(11)
+    chunk = b"VP8L" + struct.pack("<I", len(payload)) + payload
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+def gif_declaring(width: int, height: int) -> bytes:
+    """A valid one-pixel GIF whose logical screen is ``width`` x ``height``: tiny bytes, huge canvas."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    frame = b"," + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"
+    return screen + frame + b";"
+
+
+def jpeg_declaring(width: int, height: int, progressive: bool = False) -> bytes:
+    """A real 64x64 JPEG whose frame header (SOF0, or SOF2 when progressive) is rewritten to declare
+    ``width`` x ``height``."""
+    data = bytearray(encode(random_image(0, (64, 64)), "JPEG", quality=90, progressive=progressive))
+    sof = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
 
 
 def make_image_folder(root: Path, classes: list[str] = CLASSES, train_per_class: int = 6, test_per_class: int = 3):
@@ -107,16 +157,3 @@ def grad_cam_by_hand(model: torch.nn.Module, x: torch.Tensor, layer: str, target
     cam = F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     cam = cam - cam.min()  # min-max once more after upsampling, as pytorch-grad-cam's BaseCAM aggregates
     return cam / (cam.max() + 1e-7)
-
-
-def scrape(base: str) -> dict[tuple[str, frozenset], float]:
-    """One /metrics scrape, parsed by prometheus-client: (sample name, labels) -> value."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }

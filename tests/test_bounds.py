@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,8 +23,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from harness import camserve
-from helpers import encode, random_image
+from harness import Server, camserve, metric, multipart_body, scrape, wait_until, wait_until_async
+from helpers import encode, gif_declaring, jpeg_declaring, png_declaring, random_image, webp_declaring
 from PIL import Image
 
 from service.app import create_app
@@ -58,17 +57,8 @@ SETTINGS = {
 LONG_S = 60.0  # a socket read that should end much sooner; only there so that a failure cannot hang
 
 
-@dataclass(frozen=True)
-class Server:
-    base: str
-    address: tuple[str, int]
-    log: Path
-
-
-@contextmanager
-def serve(bundle_dir: Path, log: Path, **settings: str) -> Iterator[Server]:
-    with camserve(bundle_dir, log, **{**SETTINGS, **settings}) as running:
-        yield Server(running.base_url, running.address, log)
+def serve(bundle_dir: Path, log: Path, **settings: str):
+    return camserve(bundle_dir, log, **{**SETTINGS, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +75,6 @@ def gradient(width: int, height: int, mode: str = "RGBA") -> Image.Image:
     g = ((x + y) / 2).astype(np.uint8)
     bands = {"RGBA": [g, g, 255 - g, g], "RGB": [g, g, 255 - g], "L": [g]}[mode]
     return Image.fromarray(np.dstack(bands) if len(bands) > 1 else g, mode)
-
-
-def jpeg_declaring(width: int, height: int) -> bytes:
-    """A real 64x64 JPEG whose frame header (SOF) is rewritten to declare ``width`` x ``height``."""
-    data = bytearray(encode(random_image(0, (64, 64)), "JPEG", quality=90))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
 
 
 def small_png(seed: int = 0) -> bytes:
@@ -124,27 +106,19 @@ class Honest:
                     self.answers.append((started, time.monotonic(), path, status))
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = LONG_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.01)
-
-
 @contextmanager
 def honest_client(server: Server) -> Iterator[Honest]:
     """Yields once the honest client has been answered; afterwards asserts that it was answered during
     the block (a request of its started and ended inside it) and never refused."""
-    honest = Honest(server.base)
+    honest = Honest(server.base_url)
     thread = threading.Thread(target=honest.run, daemon=True)
     thread.start()
-    wait_until(lambda: len(honest.answers) >= 2)
+    wait_until(lambda: len(honest.answers) >= 2, LONG_S, interval_s=0.01)
     started = time.monotonic()
     try:
         yield honest
         ended = time.monotonic()
-        wait_until(lambda: any(a[0] > ended for a in honest.answers))
+        wait_until(lambda: any(a[0] > ended for a in honest.answers), LONG_S, interval_s=0.01)
     finally:
         honest.stop.set()
         thread.join(timeout=LONG_S)
@@ -157,35 +131,28 @@ def honest_client(server: Server) -> Iterator[Honest]:
 
 def predict(server: Server, files: list[tuple[str, bytes]], timeout: float = LONG_S) -> httpx.Response:
     parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
-    return httpx.post(f"{server.base}/predict", files=parts, timeout=timeout)
-
-
-def metric(server: Server, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{server.base}/metrics", timeout=10).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+    return httpx.post(f"{server.base_url}/predict", files=parts, timeout=timeout)
 
 
 # -- decode bombs: priced from the header, refused before any pixel is decoded --------------------------
+# Headers alone (helpers.*_declaring): what is priced is what the header declares, so the bytes behind it
+# do not matter, and a test need not spend seconds encoding 5000x5000 images to build one.
 BOMBS = {
-    "lossless.webp": lambda: encode(gradient(5000, 5000), "WEBP", lossless=True),  # ~10 KB, 95 MiB decoded
-    "deep.png": lambda: encode(gradient(5000, 5000)),
-    "canvas.gif": lambda: encode(Image.new("P", (5000, 5000)), "GIF"),
+    "lossless.webp": lambda: webp_declaring(5000, 5000),  # 36 bytes, 95 MiB decoded
+    "deep.png": lambda: png_declaring(5000, 5000),  # RGBA
+    "pixels.png": lambda: png_declaring(20000, 20000, colour_type=0, bit_depth=1),  # 400 M pixels of 1 bit
+    "canvas.gif": lambda: gif_declaring(5000, 5000),
+    "huge-canvas.gif": lambda: gif_declaring(65535, 65535),  # 4.3 G pixels in 35 bytes
     "huge.jpg": lambda: jpeg_declaring(60000, 60000),  # 3.6 G pixels declared in a 2 KB file
-    "progressive.jpg": lambda: encode(gradient(5000, 5000, "RGB"), "JPEG", quality=80, progressive=True),
+    "progressive.jpg": lambda: jpeg_declaring(5000, 5000, progressive=True),  # every coefficient kept: 143 MiB
 }
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("name", list(BOMBS))
 def test_decode_bombs_are_refused_with_413_naming_the_file(server: Server, name: str) -> None:
     data = BOMBS[name]()
-    assert len(data) < 2 * MiB
+    assert len(data) < 8 * 1024
     with honest_client(server):
         response = predict(server, [("fine.png", small_png()), (name, data)])
     assert response.status_code == 413, response.text
@@ -205,6 +172,7 @@ def test_bombs_are_priced_without_decoding() -> None:
     probe.close()
 
 
+@pytest.mark.server
 def test_a_phone_photo_is_served_from_its_reduced_scale(server: Server) -> None:
     """4000x3000 JPEG: libjpeg decodes it at 1/8 scale (500x375), well inside every limit."""
     photo = encode(gradient(4000, 3000, "RGB"), "JPEG", quality=90)
@@ -215,8 +183,9 @@ def test_a_phone_photo_is_served_from_its_reduced_scale(server: Server) -> None:
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.server
 def test_the_request_total_is_capped_before_decoding(server: Server) -> None:
-    image = encode(gradient(1800, 1800), "WEBP", lossless=True)  # 12.4 MiB decoded, under the 16 per image
+    image = webp_declaring(1800, 1800)  # 12.4 MiB decoded, under the 16 per image
     files = [(f"{i}.webp", image) for i in range(4)]  # 49 MiB in all, over the 40 per request
     with honest_client(server):
         response = predict(server, files)
@@ -224,6 +193,7 @@ def test_the_request_total_is_capped_before_decoding(server: Server) -> None:
     assert response.json()["detail"].startswith("3.webp: the request's images decode to more than 40.0 MiB")
 
 
+@pytest.mark.server
 def test_livez_answers_while_heavy_images_are_decoded(server: Server) -> None:
     """Allowed but costly decodes (a second or more in all) run on decode threads: the event loop,
     and with it /livez, keeps answering while they run."""
@@ -237,7 +207,7 @@ def test_livez_answers_while_heavy_images_are_decoded(server: Server) -> None:
         finally:
             done.set()
 
-    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=server.base, timeout=LONG_S) as client:
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=server.base_url, timeout=LONG_S) as client:
         future = pool.submit(heavy)
         while not done.is_set():
             status = client.get("/livez").status_code
@@ -247,18 +217,19 @@ def test_livez_answers_while_heavy_images_are_decoded(server: Server) -> None:
     assert answered_meanwhile and set(answered_meanwhile) == {200}
 
 
+@pytest.mark.server
 def test_concurrent_decodes_wait_for_the_budget_then_get_503(server: Server) -> None:
     """Each of these needs 61.3 MiB of the 64 MiB budget: one decodes at a time, the others wait
     0.2 s for room and get 503 with Retry-After; small images still fit beside them."""
     image = encode(gradient(2000, 2000), "WEBP", lossless=True)
-    busy_before = metric(server, "camserve_rejections_total", reason="decode_busy")
+    busy_before = metric(scrape(server.base_url), "camserve_rejections_total", reason="decode_busy")
     with honest_client(server), ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda i: predict(server, [(f"{i}.webp", image)]), range(8)))
     statuses = sorted(r.status_code for r in responses)
     assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
     busy = [r for r in responses if r.status_code == 503]
     assert all(r.headers.get("retry-after") and "decode memory budget busy" in r.json()["detail"] for r in busy)
-    assert metric(server, "camserve_rejections_total", reason="decode_busy") - busy_before == len(busy)
+    assert metric(scrape(server.base_url), "camserve_rejections_total", reason="decode_busy") - busy_before == len(busy)
 
 
 def test_grouped_decoding_gives_each_request_its_own_images_and_errors() -> None:
@@ -387,19 +358,21 @@ def raw_exchange(server: Server, payload: bytes, *, shut_write: bool = False) ->
     return b"".join(chunks)
 
 
+@pytest.mark.server
 def test_oversized_headers_get_431(server: Server) -> None:
     with honest_client(server):
-        one_big = httpx.get(f"{server.base}/livez", headers={"X-Filler": "a" * (MAX_HEADER_BYTES + 1)})
-        many = httpx.get(f"{server.base}/livez", headers={f"X-H{i}": "1" for i in range(MAX_HEADERS + 1)})
-        long_url = httpx.get(f"{server.base}/livez?q={'a' * MAX_HEADER_BYTES}")
+        one_big = httpx.get(f"{server.base_url}/livez", headers={"X-Filler": "a" * (MAX_HEADER_BYTES + 1)})
+        many = httpx.get(f"{server.base_url}/livez", headers={f"X-H{i}": "1" for i in range(MAX_HEADERS + 1)})
+        long_url = httpx.get(f"{server.base_url}/livez?q={'a' * MAX_HEADER_BYTES}")
     for response in (one_big, many, long_url):
         assert response.status_code == 431 and response.headers["connection"] == "close", response.text
     assert "request headers" in many.json()["detail"]
     # Just under the limits is fine.
     fits = {f"X-H{i}": "1" for i in range(MAX_HEADERS - 10)} | {"X-Filler": "a" * (MAX_HEADER_BYTES // 2)}
-    assert httpx.get(f"{server.base}/livez", headers=fits).status_code == 200
+    assert httpx.get(f"{server.base_url}/livez", headers=fits).status_code == 200
 
 
+@pytest.mark.server
 def test_an_endless_header_is_cut_off_not_buffered(server: Server) -> None:
     """A header streamed without end: answered 431 once the limit is passed, long before 20 MB."""
     with honest_client(server), socket.create_connection(server.address, timeout=LONG_S) as sock:
@@ -430,6 +403,7 @@ def closed_after(sock: socket.socket) -> tuple[bytes, float]:
     return data, time.monotonic() - started
 
 
+@pytest.mark.server
 def test_silent_connections_are_closed_after_the_idle_timeout(server: Server) -> None:
     with honest_client(server):
         sockets = [socket.create_connection(server.address, timeout=LONG_S) for _ in range(50)]
@@ -442,6 +416,7 @@ def test_silent_connections_are_closed_after_the_idle_timeout(server: Server) ->
     assert all(data == b"" for data, _ in results)
 
 
+@pytest.mark.server
 def test_a_half_sent_request_gets_408_at_the_header_deadline(server: Server) -> None:
     with honest_client(server), socket.create_connection(server.address, timeout=LONG_S) as sock:
         sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Ty")
@@ -450,6 +425,7 @@ def test_a_half_sent_request_gets_408_at_the_header_deadline(server: Server) -> 
     assert b"request headers not received within 1 s" in data
 
 
+@pytest.mark.server
 def test_a_slowloris_trickling_headers_gets_408(server: Server) -> None:
     """One header byte every 50 ms keeps every byte-driven timer alive; the header deadline is not one."""
     with honest_client(server), socket.create_connection(server.address, timeout=LONG_S) as sock:
@@ -475,6 +451,7 @@ def test_a_slowloris_trickling_headers_gets_408(server: Server) -> None:
     assert answer.startswith(b"HTTP/1.1 408"), answer
 
 
+@pytest.mark.server
 def test_a_keep_alive_connection_is_closed_when_idle(server: Server) -> None:
     with socket.create_connection(server.address, timeout=LONG_S) as sock:
         sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -482,6 +459,7 @@ def test_a_keep_alive_connection_is_closed_when_idle(server: Server) -> None:
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b'{"status":"alive"}')
 
 
+@pytest.mark.server
 def test_the_connection_cap_refuses_with_503_then_recovers(bundle_dir: Path, tmp_path: Path) -> None:
     """Past ``MAX_CONNECTIONS`` open connections every request gets a 503 in the error shape of its path; the
     silent ones that hold the places are closed at the idle deadline, and then honest clients are served again."""
@@ -499,53 +477,55 @@ def test_the_connection_cap_refuses_with_503_then_recovers(bundle_dir: Path, tmp
         finally:
             for sock in holders:
                 sock.close()
-        wait_until(lambda: httpx.get(f"{capped.base}/livez", timeout=10).status_code == 200)
+        wait_until(lambda: httpx.get(f"{capped.base_url}/livez", timeout=10).status_code == 200)
         assert predict(capped, [("a.png", small_png())]).status_code == 200
 
 
 # -- the small ones -----------------------------------------------------------------------------------------
+@pytest.mark.server
 def test_a_multipart_look_alike_content_type_is_415(server: Server) -> None:
-    body = (
-        b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
-        + small_png()
-        + b"\r\n--b--\r\n"
-    )
+    body = multipart_body([("a.png", small_png())], boundary="b", part_type=None).data
     for content_type in ("multipart/form-dataX; boundary=b", "multipart/form-data-x; boundary=b", "text/plain"):
-        response = httpx.post(f"{server.base}/predict", content=body, headers={"Content-Type": content_type})
+        response = httpx.post(f"{server.base_url}/predict", content=body, headers={"Content-Type": content_type})
         assert response.status_code == 415, (content_type, response.text)
     # image/* is a raw image body (issue 16): a multipart body sent as one is not an image, a clear 400
-    response = httpx.post(f"{server.base}/predict", content=body, headers={"Content-Type": "image/png"})
+    response = httpx.post(f"{server.base_url}/predict", content=body, headers={"Content-Type": "image/png"})
     assert response.status_code == 400 and "not an image" in response.json()["detail"], response.text
-    ok = httpx.post(f"{server.base}/predict", content=body, headers={"Content-Type": "Multipart/Form-Data; boundary=b"})
+    ok = httpx.post(
+        f"{server.base_url}/predict", content=body, headers={"Content-Type": "Multipart/Form-Data; boundary=b"}
+    )
     assert ok.status_code == 200, ok.text
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("path", ["/livez", "/readyz", "/health", "/metrics", "/", "/docs", "/static/index.html"])
 def test_head_is_answered_where_get_is(server: Server, path: str) -> None:
-    get = httpx.get(f"{server.base}{path}")
-    head = httpx.head(f"{server.base}{path}")
+    get = httpx.get(f"{server.base_url}{path}")
+    head = httpx.head(f"{server.base_url}{path}")
     assert get.status_code == head.status_code == 200
     assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
 
 
+@pytest.mark.server
 def test_redirects_are_relative_and_reflect_no_host(server: Server) -> None:
-    for path, expected in (("/static", "/static/"), ("//evil.example/static", None)):
-        response = httpx.get(f"{server.base}{path}", headers={"Host": "evil.example"}, follow_redirects=False)
-        if response.is_redirect:
-            location = response.headers["location"]
-            assert "evil.example" not in location.split("/")[2:3] and not location.startswith(("//", "http"))
-            assert expected is None or location == expected
-    assert httpx.get(f"{server.base}/static/index.html").status_code == 200
+    evil = {"Host": "evil.example"}
+    # /static is redirected (a trailing slash added), and the Location names no host, the Host header's least.
+    response = httpx.get(f"{server.base_url}/static", headers=evil, follow_redirects=False)
+    assert response.is_redirect and response.headers["location"] == "/static/", (response, response.headers)
+    # A path that reads as another host is not found, or redirected on this site: never off it.
+    response = httpx.get(f"{server.base_url}//evil.example/static", headers=evil, follow_redirects=False)
+    assert response.status_code == 404 or (response.is_redirect and response.headers["location"] == "/static/"), (
+        response,
+        response.headers,
+    )
+    assert httpx.get(f"{server.base_url}/static/index.html").status_code == 200
 
 
+@pytest.mark.server
 def test_a_half_closed_client_gets_its_answer(server: Server) -> None:
     answer = raw_exchange(server, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n", shut_write=True)
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status":"alive"}')
-    body = (
-        b'--b\r\nContent-Disposition: form-data; name="files"; filename="h.png"\r\n\r\n'
-        + small_png()
-        + b"\r\n--b--\r\n"
-    )
+    body = multipart_body([("h.png", small_png())], boundary="b", part_type=None).data
     head = (
         "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
@@ -554,6 +534,7 @@ def test_a_half_closed_client_gets_its_answer(server: Server) -> None:
     assert answer.startswith(b"HTTP/1.1 200") and b'"filename":"h.png"' in answer
 
 
+@pytest.mark.server
 def test_a_client_that_half_closes_mid_body_is_logged_as_gone(server: Server) -> None:
     request_id = f"halfbody{time.monotonic_ns()}"
     head = (
@@ -564,7 +545,7 @@ def test_a_client_that_half_closes_mid_body_is_logged_as_gone(server: Server) ->
     assert answer == b""
 
     def logged() -> list[dict]:
-        lines = [line for line in server.log.read_text().splitlines() if request_id in line]
+        lines = [line for line in server.log_path.read_text().splitlines() if request_id in line]
         return [json.loads(line) for line in lines if line.startswith("{")]
 
     wait_until(lambda: bool(logged()))
@@ -590,10 +571,10 @@ async def test_a_full_queue_or_a_draining_service_refuses_before_reading_the_bod
                 files = [("files", (f"{i}.png", small_png(i), "image/png"))]
                 queued.append(asyncio.create_task(client.post("/predict", files=files)))
                 if i < state.lanes:
-                    await _until(lambda i=i: batcher._running == i + 1)
+                    await wait_until_async(lambda i=i: batcher._running == i + 1, LONG_S)
                 else:
-                    await _until(lambda i=i: batcher.depth == i + 1 - state.lanes)
-            await _until(lambda: state.predict_batcher.free <= 0)
+                    await wait_until_async(lambda i=i: batcher.depth == i + 1 - state.lanes, LONG_S)
+            await wait_until_async(lambda: state.predict_batcher.free <= 0, LONG_S)
 
             refused, body_read = await _call_without_body(app, "/predict")
             assert refused["status"] == 503 and not body_read
@@ -607,13 +588,6 @@ async def test_a_full_queue_or_a_draining_service_refuses_before_reading_the_bod
         refused, body_read = await _call_without_body(app, "/gradcam")
         assert refused["status"] == 503 and not body_read
         state.draining = False
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + LONG_S
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def _call_without_body(app, path: str) -> tuple[dict, bool]:

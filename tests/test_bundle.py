@@ -6,12 +6,11 @@ import json
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import run_camserve
 from helpers import make_bundle
 from safetensors.torch import load_file, save_file
 
@@ -119,6 +118,7 @@ def test_a_malicious_pickle_never_runs(bundle: Path, tmp_path: Path):
     assert marker.exists()
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -132,13 +132,7 @@ def test_a_malicious_pickle_never_runs(bundle: Path, tmp_path: Path):
 )
 def test_service_refuses_to_start_on_a_bad_bundle(bundle: Path, damage, message: str):
     damage(bundle)
-    result = subprocess.run(
-        [sys.executable, "-m", "service"],
-        env={"CAMSERVE_MODEL_DIR": str(bundle), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_camserve(bundle)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"cannot start: {bundle / METADATA_FILE}: {message}" in result.stderr
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import pytest_asyncio
 import torch
 from conftest import SHIPPED_BUNDLE, shared_cifar_archive
 from helpers import encode, random_image, real_test_slice
@@ -37,8 +38,12 @@ async def _serving(settings: Settings):
             yield app, client
 
 
-@pytest.fixture
+pytestmark = pytest.mark.asyncio(loop_scope="module")  # the loop the shared app's batchers run on
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def served(bundle_dir: Path):
+    """One app for the tests that only ask it (its model traced and warmed once)."""
     async for pair in _serving(_settings(bundle_dir)):
         yield pair
 

@@ -146,6 +146,7 @@ def test_linear_imputation_solves_the_packages_system():
     assert torch.equal(ours[keep.unsqueeze(1).expand_as(images)], images[keep.unsqueeze(1).expand_as(images)])
 
 
+@pytest.mark.slow
 def test_road_agrees_with_the_packages_roadcombined(real_images, shipped):
     images = real_images[::3]  # one per class
     out = class_activation_maps(shipped, images, "layer2", [None] * len(images))
@@ -171,6 +172,7 @@ def test_road_refuses_a_forward_with_tta_or_temperature(bundle_dir):
             road_scores(forward, images, torch.zeros(1, 32, 32), [0])
 
 
+@pytest.mark.slow
 def test_a_random_heatmap_scores_near_zero_and_the_true_one_higher(real_images, shipped):
     """ROAD's own sanity check: a map that knows nothing is worth about nothing on average."""
     out = class_activation_maps(shipped, real_images, "layer2", [None] * len(real_images), "layercam")

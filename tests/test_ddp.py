@@ -29,7 +29,7 @@ def real_image_folder(archive: Path, root: Path, train_per_class: int, test_per_
     return root
 
 
-@pytest.mark.slow
+@pytest.mark.server  # two training processes
 def test_two_ddp_processes_on_the_cpu_train_one_epoch(tiny_folder: Path, tmp_path: Path):
     archive = shared_cifar_archive()
     # 10 classes x 8 training images; with --val-size 16, 64 train: 4 batches of 16 in all.

@@ -18,7 +18,7 @@ from PIL import Image
 from camcore.bundle import load_bundle
 from camcore.preprocess import Normalize, image_to_uint8
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 
 def _model_dir(bundle_dir: Path) -> Path:

@@ -46,6 +46,7 @@ SERVICE = "/inference.GRPCInferenceService/"
 
 
 # -- the generated module and the protocol's definition -----------------------------------------------
+@pytest.mark.server  # protoc runs as a process of its own
 def test_the_committed_module_is_what_make_proto_makes(tmp_path: Path):
     pytest.importorskip("grpc_tools", reason="pip install grpcio-tools (dev extra)")
     source = tmp_path / "service" / "grpc"

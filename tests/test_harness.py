@@ -1,5 +1,6 @@
-"""The server harness the benchmarks stand on (``bench/harness.py``), checked against the server itself:
-a body it builds is answered file by file, and what ``hey`` reports is what the server counted."""
+"""The kit the benchmarks and the tests stand on (``bench/harness.py``), checked against the server itself:
+a body it builds is answered file by file, and what ``hey`` reports is what the server counted; and
+checked to be the only copy of its helpers."""
 
 from __future__ import annotations
 
@@ -9,24 +10,15 @@ from pathlib import Path
 
 import pytest
 from fixtures import encode, random_image
-from harness import camserve, find_hey, multipart_body, parse_hey, request, run_hey
-from prometheus_client.parser import text_string_to_metric_families
-
-pytestmark = pytest.mark.slow
+from harness import ROOT, camserve, find_hey, metric, multipart_body, parse_hey, request, run_hey, scrape
 
 
 def predict_200s(base_url: str) -> float:
     """``camserve_requests_total`` for answered /predict requests, as the server counts them."""
-    text = request("GET", f"{base_url}/metrics")[1].decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "camserve_requests_total"
-        and sample.labels == {"endpoint": "/predict", "method": "POST", "status": "200"}
-    )
+    return metric(scrape(base_url), "camserve_requests_total", endpoint="/predict", method="POST", status="200")
 
 
+@pytest.mark.server
 def test_camserve_starts_answers_a_built_body_and_stops(bundle_dir: Path, tmp_path: Path) -> None:
     names = ["b.png", "a.png", "c.png"]  # not sorted: the answer must keep the order sent
     body = multipart_body([(name, encode(random_image(i))) for i, name in enumerate(names)], tmp_path / "body")
@@ -81,3 +73,30 @@ Error distribution:
     assert parsed["percentiles_s"] == {10: 0.02, 50: 0.04, 99: 0.5}
     assert parsed["status_codes"] == {"200": 70, "503": 9}
     assert [n for n, _ in parsed["errors"]] == [2] and "connection refused" in parsed["errors"][0][1]
+
+
+# What the kit holds, written again elsewhere, is a copy that drifts (issue 23 found 3 to 7 of each).
+COPIES = {
+    "def free_port": "free_port",
+    "def wait_until": "wait_until",
+    "def scrape": "scrape",
+    "def run_hey": "run_hey",
+    "def parse_hey": "parse_hey",
+    "class Server": "Server",
+    "/proc/cpuinfo": "cpu_model",
+    '"-m", "service"': "camserve / run_camserve",
+    "text_string_to_metric_families": "parse_metrics / scrape",
+}
+
+
+def test_the_kit_is_the_only_copy_of_its_helpers() -> None:
+    files = [*sorted((ROOT / "bench").glob("*.py")), *sorted((ROOT / "tests").glob("*.py"))]
+    found = [
+        f"{path.relative_to(ROOT)}: {needle!r} (use the kit's {helper})"
+        for path in files
+        if path.name not in ("harness.py", "test_harness.py")
+        for needle, helper in COPIES.items()
+        if needle in path.read_text()
+    ]
+    assert not found, "\n".join(found)
+    assert "-m service" not in (ROOT / "bench" / "ab_predict.sh").read_text()

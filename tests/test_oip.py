@@ -79,6 +79,7 @@ def infer(triton, name: str, array: np.ndarray, datatype: str, binary_in: bool, 
     return triton.infer(MODEL, [tensor], outputs=outputs, request_id="req-1")
 
 
+@pytest.mark.server
 def test_server_model_and_health_metadata(triton):
     assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready(MODEL)
     assert not triton.is_model_ready("no-such-model")
@@ -96,6 +97,7 @@ def test_server_model_and_health_metadata(triton):
     }
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(("binary_in", "binary_out"), [(True, True), (False, False), (True, False), (False, True)])
 def test_image_input_answers_equal_predict(server, triton, binary_in, binary_out):
     files = images(5)
@@ -112,6 +114,7 @@ def test_image_input_answers_equal_predict(server, triton, binary_in, binary_out
     assert labels == [CLASSES[i] for i in expected.argmax(1)]
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("binary", [True, False])
 def test_pixels_input_answers_equal_predict(server, triton, binary):
     files = [encode(random_image(200 + i)) for i in range(3)]  # 32x32 PNGs: decoded pixels are exactly these
@@ -121,6 +124,7 @@ def test_pixels_input_answers_equal_predict(server, triton, binary):
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.server
 def test_default_request_of_tritonclient_is_binary_both_ways(server, triton):
     """No outputs named: tritonclient asks for every output in binary (``binary_data_output``)."""
     tensor = tritonclient_http.InferInput("image", [1], "BYTES")
@@ -132,6 +136,7 @@ def test_default_request_of_tritonclient_is_binary_both_ways(server, triton):
     assert result.as_numpy("probabilities").shape == (1, 10)
 
 
+@pytest.mark.server
 def test_tritonclient_sees_protocol_errors(triton):
     tensor = tritonclient_http.InferInput("image", [1], "BYTES")
     tensor.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from harness import camserve
+from harness import camserve, wait_until, wait_until_async
 from helpers import encode, make_bundle, random_image
 
 from camcore.bundle import METADATA_FILE, WEIGHTS_FILE
@@ -72,6 +72,10 @@ async def served(bundles: SimpleNamespace, tmp_path: Path):
         yield SimpleNamespace(app=app, client=client, link=link)
 
 
+def version_at(base: str) -> str:
+    return httpx.get(f"{base}/health", timeout=10).json()["model"]["version"]
+
+
 async def version_of(client: httpx.AsyncClient) -> str:
     return (await client.get("/health")).json()["model"]["version"]
 
@@ -102,19 +106,19 @@ async def test_reload_under_load_fails_no_request_and_versions_name_the_weights(
             )
 
     workers = [asyncio.create_task(stream("predict" if i % 2 else "oip")) for i in range(6)]
-    while sum(a[3] == first for a in answers) < 20:
-        await asyncio.sleep(0.01)
-    point(served.link, bundles.second)
-    load_sent = time.perf_counter()
-    loaded = await client.post(f"/v2/repository/models/{MODEL}/load")
-    load_done = time.perf_counter()
-    assert loaded.status_code == 200, loaded.text
-    second = loaded.json()["version"]
-    assert second != first and loaded.json()["previous_version"] == first
-    while sum(a[0] > load_done for a in answers) < 20:
-        await asyncio.sleep(0.01)
-    stop.set()
-    await asyncio.gather(*workers)
+    try:
+        await wait_until_async(lambda: sum(a[3] == first for a in answers) >= 20, 120, what="20 answers before")
+        point(served.link, bundles.second)
+        load_sent = time.perf_counter()
+        loaded = await client.post(f"/v2/repository/models/{MODEL}/load")
+        load_done = time.perf_counter()
+        assert loaded.status_code == 200, loaded.text
+        second = loaded.json()["version"]
+        assert second != first and loaded.json()["previous_version"] == first
+        await wait_until_async(lambda: sum(a[0] > load_done for a in answers) >= 20, 120, what="20 answers after")
+    finally:
+        stop.set()  # the streams end whatever happened above
+        await asyncio.gather(*workers)
 
     assert [a for a in answers if a[2] != 200] == []  # not one request failed
     versions = {a[3] for a in answers}
@@ -249,6 +253,7 @@ def test_a_batch_straddling_a_swap_runs_each_image_on_its_own_engine():
     assert new.calls == [1, 2]
 
 
+@pytest.mark.server
 def test_sighup_and_tritonclient_load_reload_a_real_server(bundles, tmp_path):
     tritonclient_http = pytest.importorskip("tritonclient.http")
     from tritonclient.utils import InferenceServerException
@@ -266,10 +271,8 @@ def test_sighup_and_tritonclient_load_reload_a_real_server(bundles, tmp_path):
                 client.load_model(MODEL)  # the repository extension sits behind the API key
             point(link, bundles.second)
             process.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 60
-            while (version := httpx.get(f"{base}/health").json()["model"]["version"]) == first:
-                assert time.monotonic() < deadline, "SIGHUP did not reload the bundle"
-                time.sleep(0.1)
+            wait_until(lambda: version_at(base) != first, 60, interval_s=0.1, what="the reload on SIGHUP")
+            version = version_at(base)
             assert process.poll() is None  # SIGHUP reloads; it no longer ends the process
             point(link, bundles.first)
             client.load_model(MODEL, headers=key)
@@ -323,9 +326,8 @@ def test_a_load_request_reloads_every_worker_of_a_multi_worker_service_exactly_o
         assert loaded.status_code == 200, loaded.text
         new = loaded.json()["version"]
         assert {new} != first
-        while versions() != {new}:  # the other worker swaps in the new bundle shortly after
-            assert time.monotonic() < deadline + 120, "a worker kept serving the old bundle"
-            time.sleep(0.2)
+        # the other worker swaps in the new bundle shortly after
+        wait_until(lambda: versions() == {new}, 120, interval_s=0.2, what="every worker on the new bundle")
         assert all(versions(32) == {new} for _ in range(2))
 
         # The supervisor says how many workers its SIGHUP reloads; once those and the asking worker have

@@ -33,6 +33,9 @@ schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
+# Thirty generated requests to each of some twenty operations, each on an app of its own: a minute or so.
+pytestmark = pytest.mark.slow
+
 EXAMPLES_PER_OPERATION = 30
 API_KEY = "schema-test-key"
 
@@ -41,7 +44,8 @@ def service_settings(model_dir: Path) -> Settings:
     return Settings(
         model_dir=model_dir,
         precision="fp32",
-        max_batch_size=4,  # a short start-up (trace and warm-up) for the app each test makes
+        max_batch_size=4,  # a short start-up (warm-up) for the app each test makes
+        trace=False,  # and no TorchScript trace: the answers' shapes are what is checked here
         max_files=4,
         max_upload_bytes=256 * 1024,
         max_image_pixels=1_000_000,

@@ -149,6 +149,7 @@ def trained_checkpoint(tiny_folder: Path, cache_dir: Path, tmp_path_factory: pyt
     return module, run_dir / "checkpoints" / "last.ckpt", run_dir
 
 
+@pytest.mark.slow  # Lightning fits
 def test_fit_writes_resumable_checkpoints_and_logs(trained_checkpoint):
     _, last, run_dir = trained_checkpoint
     assert last.is_file()
@@ -160,6 +161,7 @@ def test_fit_writes_resumable_checkpoints_and_logs(trained_checkpoint):
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
 
 
+@pytest.mark.slow  # Lightning fits
 def test_checkpoint_and_bundle_give_the_same_predictions(trained_checkpoint, tiny_folder, cache_dir, tmp_path):
     module, last, _ = trained_checkpoint
     images = data.load("folder", tiny_folder, cache_dir).test.images
@@ -197,6 +199,7 @@ def test_checkpoint_and_bundle_give_the_same_predictions(trained_checkpoint, tin
     assert bundle.temperature == meta["calibration"]["temperature"]
 
 
+@pytest.mark.slow  # Lightning fits
 def test_cli_fit_resumes_from_last_checkpoint(tiny_folder, cache_dir, tmp_path):
     from training.cli import main
 
@@ -230,6 +233,7 @@ def test_cli_fit_resumes_from_last_checkpoint(tiny_folder, cache_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "last.ckpt"
 
 
+@pytest.mark.slow  # Lightning fits
 def test_cli_test_and_export_commands(trained_checkpoint, cache_dir, tmp_path, capsys):
     from training.cli import main
 
@@ -242,6 +246,7 @@ def test_cli_test_and_export_commands(trained_checkpoint, cache_dir, tmp_path, c
     assert load_bundle(tmp_path / "bundle").metadata["trained_epochs"] == 2
 
 
+@pytest.mark.server  # the sweep runs each variant as a `python -m training fit` process
 def test_sweep_sizes_runs_to_its_budget_and_keeps_the_best_by_validation(tiny_folder, cache_dir, tmp_path):
     from training.sweep import main as sweep
 
@@ -304,6 +309,7 @@ def test_ghost_batch_norm_normalises_each_virtual_batch_and_stays_plain_batch_no
     assert torch.equal(ghost(x), plain.eval()(x))  # evaluation: plain BatchNorm, same state
 
 
+@pytest.mark.slow  # Lightning fits
 def test_ghost_batch_norm_and_ema_train_a_network_the_service_loads(tiny_folder, cache_dir, tmp_path):
     from training.cli import main
 

@@ -34,10 +34,10 @@ if not CHROMIUM.is_file():
         allow_module_level=True,
     )
 
-from harness import camserve  # noqa: E402  (conftest puts bench/ on sys.path)
+from harness import Server, camserve  # noqa: E402  (conftest puts bench/ on sys.path)
 from helpers import CLASSES, make_bundle  # noqa: E402  (and tests/)
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.server]
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -55,20 +55,16 @@ LAUNCH_ARGS = [
 TIMEOUT_MS = 20_000  # generous: the tests share two cores with whatever else runs
 
 
-class Server:
-    def __init__(self, url: str, trained: bool) -> None:
-        self.url = url
-        self.trained = trained
+TRAINED = (REAL_BUNDLE / "model.json").is_file()  # else an untrained test bundle is served
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    trained = (REAL_BUNDLE / "model.json").is_file()
-    bundle = REAL_BUNDLE if trained else make_bundle(tmp_path_factory.mktemp("web") / "bundle")
+    bundle = REAL_BUNDLE if TRAINED else make_bundle(tmp_path_factory.mktemp("web") / "bundle")
     log_path = tmp_path_factory.mktemp("web-log") / "server.log"
     settings = {"torch_threads": 1, "log_requests": "false", "log_level": "warning"}
     with camserve(bundle, log_path, start_timeout_s=90, **settings) as running:
-        yield Server(running.base_url, trained)
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +84,7 @@ def _open(browser: Browser, server: Server, **context_options) -> Iterator[Page]
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(server.url + "/")
+    page.goto(server.base_url + "/")
     # The model card fills in from /health: the page is wired up and the service is ready.
     expect(page.locator("#service-status")).to_have_attribute("data-state", "ready")
     yield page
@@ -116,11 +112,11 @@ def phone(browser: Browser, server: Server) -> Iterator[Page]:
 @pytest.fixture(scope="module")
 def example_class(server: Server) -> str:
     """An example image's class; with the trained bundle, one the model classifies correctly."""
-    if not server.trained:
+    if not TRAINED:
         return "cat"
     for name in CLASSES:
         files = [("files", (f"{name}.png", (EXAMPLES / f"{name}.png").read_bytes(), "image/png"))]
-        top = httpx.post(f"{server.url}/predict?top_k=1", files=files, timeout=30).json()
+        top = httpx.post(f"{server.base_url}/predict?top_k=1", files=files, timeout=30).json()
         if top["predictions"][0]["top_k"][0]["label"] == name:
             return name
     pytest.fail("the trained bundle misclassifies every shipped example image")
@@ -146,7 +142,7 @@ def test_upload_shows_top_k_bars_with_the_right_label(page: Page, server: Server
     widths = rows.locator(".bar-fill").evaluate_all("els => els.map(e => parseFloat(e.style.width))")
     assert widths == sorted(widths, reverse=True)
     expect(card.locator(".result-title h3")).to_have_text(f"{example_class}.png")
-    if server.trained:
+    if TRAINED:
         expect(card.locator(".verdict")).to_contain_text(example_class)
         assert labels[0] == example_class
     shot(page, "01-top-k-bars")
@@ -163,7 +159,7 @@ def canvas_rgb(canvas: Locator) -> np.ndarray:
 def server_overlay(server: Server, example: str, **query: str) -> np.ndarray:
     """The server's own PNG overlay (``format=png``) of a shipped example image."""
     files = [("files", (f"{example}.png", (EXAMPLES / f"{example}.png").read_bytes(), "image/png"))]
-    response = httpx.post(f"{server.url}/gradcam", params={"format": "png", **query}, files=files, timeout=60)
+    response = httpx.post(f"{server.base_url}/gradcam", params={"format": "png", **query}, files=files, timeout=60)
     assert response.status_code == 200, response.text
     return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"), dtype=np.int16)
 
@@ -173,7 +169,7 @@ def assert_same_overlay(canvas: Locator, server: Server, example: str, **query: 
     the JSON answer moved a value to the neighbouring colour of the map, which changes a pixel by at
     most the map's largest step between neighbours, times the opacity, plus one for rounding (here
     1-2 levels, never more than 4)."""
-    colormap = np.array(httpx.get(f"{server.url}/health").json()["gradcam"]["colormap"], dtype=np.int16)
+    colormap = np.array(httpx.get(f"{server.base_url}/health").json()["gradcam"]["colormap"], dtype=np.int16)
     bound = int(np.ceil(np.abs(np.diff(colormap, axis=0)).max() * float(query["opacity"]))) + 1
     painted, served = canvas_rgb(canvas), server_overlay(server, example, **query)
     assert painted.shape == served.shape == (32, 32, 3)
@@ -183,7 +179,7 @@ def assert_same_overlay(canvas: Locator, server: Server, example: str, **query: 
 
 
 def test_gradcam_overlay_is_composited_in_the_page_and_the_slider_asks_nothing(page: Page, server: Server) -> None:
-    health = httpx.get(f"{server.url}/health").json()
+    health = httpx.get(f"{server.base_url}/health").json()
     default_layer = health["gradcam"]["default_layer"]
     layer_options = page.locator("#layer option")
     expect(layer_options).to_have_count(len(health["gradcam"]["layers"]))
@@ -265,7 +261,7 @@ def test_text_file_shows_the_services_error_in_words(page: Page, tmp_path: Path)
 
 
 def test_model_card_and_phone_layout(phone: Page, server: Server) -> None:
-    health = httpx.get(f"{server.url}/health").json()
+    health = httpx.get(f"{server.base_url}/health").json()
     expect(phone.locator("#per-class .bar-row")).to_have_count(len(health["model"]["per_class_accuracy"]))
     expect(phone.locator("#model-facts")).to_contain_text(health["model"]["version"][:12])
     expect(phone.locator("#model-facts")).to_contain_text(f"{health['model']['parameters']:,}")
@@ -280,7 +276,7 @@ def test_model_card_and_phone_layout(phone: Page, server: Server) -> None:
 
 
 def test_model_card_draws_the_reliability_diagram(page: Page, server: Server) -> None:
-    calibration = httpx.get(f"{server.url}/health").json()["model"]["calibration"]
+    calibration = httpx.get(f"{server.base_url}/health").json()["model"]["calibration"]
     if calibration is None:  # the untrained test bundle carries no temperature
         expect(page.locator("#calibration")).to_be_hidden()
         return
@@ -302,7 +298,7 @@ def test_model_card_draws_the_reliability_diagram(page: Page, server: Server) ->
 
 
 def test_method_selector_road_score_and_the_road_table(page: Page, server: Server) -> None:
-    health = httpx.get(f"{server.url}/health").json()
+    health = httpx.get(f"{server.base_url}/health").json()
     expect(page.locator("#method option")).to_have_count(len(health["gradcam"]["methods"]))
     page.locator('[data-example="horse"]').click()
     expect(page.locator(".result-card .bar-row")).to_have_count(3)

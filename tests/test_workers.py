@@ -3,62 +3,38 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from harness import camserve
-from helpers import encode, random_image, scrape
+from harness import camserve, metric, multipart_body, run_camserve, scrape, wait_until
+from helpers import encode, random_image
 
 from service.inference.cpus import available_cpus, cgroup_cpu_quota
 from service.runtime.slots import cpu_share, queue_share
-from service.runtime.supervisor import worker_count
+from service.runtime.supervisor import responsive, worker_count
 
 # Small batches keep start-up (trace, warm-up) short; fp32 so the two runs cannot pick differently.
 COMMON = {"precision": "fp32", "max_batch_size": "8", "log_requests": "false"}
 
 
-def total(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
-    wanted = set(labels.items())
-    return sum(value for (n, got), value in samples.items() if n == name and wanted <= got)
-
-
-def wait_until(condition, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise TimeoutError("condition not met")
-
-
-def workers_ready(base: str) -> int:
-    try:
-        return httpx.get(f"{base}/health", timeout=5).json()["workers"]["ready"]
-    except (httpx.HTTPError, KeyError, ValueError):
-        return 0
-
-
 @contextmanager
 def service(model_dir: Path, log: Path, **settings: str) -> Iterator[tuple[str, object]]:
-    """A started ``python -m service``, every one of its workers ready."""
+    """A started ``python -m service``, every one of its workers ready (the kit waits for them)."""
     with camserve(model_dir, log, **settings) as running:
-        base, process = running.base_url, running.process
-        count = int(settings.get("workers", "1"))
-        wait_until(lambda: workers_ready(base) == count)
-        yield base, process
+        yield running.base_url, running.process
 
 
 def image(seed: int) -> bytes:
@@ -104,6 +80,35 @@ def test_queue_shares_add_up_to_the_service_bound(total_size: int, count: int) -
     shares = [queue_share(total_size, count, i) for i in range(count)]
     assert sum(shares) == total_size and max(shares) - min(shares) <= 1 and min(shares) >= 1
     assert sum(cpu_share(total_size, count, i) for i in range(count)) == total_size
+
+
+class FakeWorker:
+    """What :func:`responsive` reads of a uvicorn worker: its process and the parent's end of its pipe."""
+
+    def __init__(self, alive: Iterator[bool]) -> None:
+        self.parent_conn, self.child_conn = multiprocessing.Pipe()
+        self.process = SimpleNamespace(is_alive=lambda: next(alive))
+
+
+@pytest.mark.timeout(30)  # far less than the timeout given: a wait to the end would fail the test
+def test_a_worker_that_exits_is_noticed_at_once_not_after_the_health_check_timeout() -> None:
+    exiting = FakeWorker(iter([True, *[False] * 10]))  # alive when pinged, gone while its answer is awaited
+    assert not responsive(exiting, timeout_s=600, slice_s=0.05)
+    assert exiting.child_conn.recv() == b"ping"  # it was asked
+    assert not responsive(FakeWorker(iter([False])), timeout_s=600)  # gone already: not even asked
+
+    answering = FakeWorker(itertools.repeat(True))
+
+    def pong() -> None:
+        assert answering.child_conn.recv() == b"ping"
+        answering.child_conn.send(True)
+
+    thread = threading.Thread(target=pong)
+    thread.start()
+    assert responsive(answering, timeout_s=600, slice_s=0.05)
+    thread.join()
+    silent = FakeWorker(itertools.repeat(True))  # alive but never answering: the timeout still holds
+    assert not responsive(silent, timeout_s=0.2, slice_s=0.05)
 
 
 def fake_cgroup(root: Path, files: dict[str, str]) -> Path:
@@ -168,6 +173,7 @@ def one_process(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield started
 
 
+@pytest.mark.server
 def test_one_worker_is_one_process_without_a_supervisor(one_process) -> None:
     base, process = one_process
     health = httpx.get(f"{base}/health").json()
@@ -175,6 +181,7 @@ def test_one_worker_is_one_process_without_a_supervisor(one_process) -> None:
     assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
 
 
+@pytest.mark.server
 def test_health_describes_the_service(two_workers: str) -> None:
     health = httpx.get(f"{two_workers}/health").json()
     workers = health["workers"]
@@ -185,6 +192,7 @@ def test_health_describes_the_service(two_workers: str) -> None:
     assert httpx.get(f"{two_workers}/readyz").json() == {"status": "ready", "workers": 2, "workers_ready": 2}
 
 
+@pytest.mark.server
 def test_both_workers_take_connections(two_workers: str) -> None:
     seen: set[int] = set()
     for _ in range(10):  # the kernel picks the accepting process: a few bursts of fresh connections
@@ -196,6 +204,7 @@ def test_both_workers_take_connections(two_workers: str) -> None:
     assert seen == {0, 1}
 
 
+@pytest.mark.server
 def test_64_images_at_once_each_get_the_answer_they_get_alone(two_workers: str, one_process) -> None:
     seeds = list(range(64))
     with httpx.Client(timeout=60) as client:  # one at a time, from the one-process service
@@ -220,16 +229,17 @@ def test_64_images_at_once_each_get_the_answer_they_get_alone(two_workers: str, 
     # One scrape counts every worker's requests and images.
     after = scrape(two_workers)
     for endpoint in ("/predict", "/gradcam"):
-        served = total(after, "camserve_requests_total", endpoint=endpoint, status="200") - total(
+        served = metric(after, "camserve_requests_total", endpoint=endpoint, status="200") - metric(
             before, "camserve_requests_total", endpoint=endpoint, status="200"
         )
-        images = total(after, "camserve_images_total", endpoint=endpoint) - total(
+        images = metric(after, "camserve_images_total", endpoint=endpoint) - metric(
             before, "camserve_images_total", endpoint=endpoint
         )
         assert served == 32 and images == 32
     assert "camserve_model_info" in {name for name, _ in after}
 
 
+@pytest.mark.server
 def test_overload_sheds_503_across_workers_and_one_scrape_counts_it(bundle_dir: Path, tmp_path: Path) -> None:
     # Each worker: 1 image in its batch, 2 waiting (queue 4 split in 2); each batch takes 300 ms.
     settings = {**COMMON, "engine": "null", "null_batch_ms": "300", "max_batch_size": "1", "model_lanes": "1"}
@@ -248,27 +258,22 @@ def test_overload_sheds_503_across_workers_and_one_scrape_counts_it(bundle_dir: 
         assert codes.count(200) >= 3
         assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
         samples = scrape(base)
-        assert total(samples, "camserve_rejections_total", reason="queue_full") == codes.count(503)
-        assert total(samples, "camserve_requests_total", endpoint="/predict", status="503") == codes.count(503)
-        assert total(samples, "camserve_requests_total", endpoint="/predict", status="200") == codes.count(200)
+        assert metric(samples, "camserve_rejections_total", reason="queue_full") == codes.count(503)
+        assert metric(samples, "camserve_requests_total", endpoint="/predict", status="503") == codes.count(503)
+        assert metric(samples, "camserve_requests_total", endpoint="/predict", status="200") == codes.count(200)
         assert (httpx.post(f"{base}/predict", files={"files": ("x.png", image(0))}, timeout=60)).status_code == 200
 
 
-def multipart_body(name: str, data: bytes) -> tuple[bytes, str]:
-    boundary = "camserve-test-boundary"
-    head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n\r\n'
-    return head.encode() + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
+@pytest.mark.server
 def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(bundle_dir: Path, tmp_path: Path) -> None:
     settings = {**COMMON, "engine": "null", "null_batch_ms": "150", "max_batch_size": "1", "model_lanes": "1"}
     with service(bundle_dir, tmp_path / "drain.log", workers="2", **settings) as (base, process):
         host, port = base.removeprefix("http://").split(":")
         connections = []
         for seed in range(12):  # every request sent in full before anything else happens
-            body, content_type = multipart_body(f"img{seed}.png", image(seed))
+            body = multipart_body([(f"img{seed}.png", image(seed))], part_type=None)
             connection = http.client.HTTPConnection(host, int(port), timeout=60)
-            connection.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
+            connection.request("POST", "/predict", body=body.data, headers={"Content-Type": body.content_type})
             connections.append(connection)
         # The first answer comes after a 150 ms batch during which both event loops sat idle, so every
         # request sent with it has been read: ~0.9 s of queued work when SIGTERM arrives.
@@ -284,6 +289,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(bundle_di
         assert log.count("Application shutdown complete") == 2
 
 
+@pytest.mark.server
 def test_a_killed_worker_is_restarted_and_the_service_keeps_answering(bundle_dir: Path, tmp_path: Path) -> None:
     with service(bundle_dir, tmp_path / "kill.log", workers="2", engine="null", **COMMON) as (base, process):
         post = lambda: httpx.post(f"{base}/predict", files={"files": ("x.png", image(1))}, timeout=60)  # noqa: E731
@@ -300,29 +306,21 @@ def test_a_killed_worker_is_restarted_and_the_service_keeps_answering(bundle_dir
             slot = now["slots"][1]
             return now["ready"] == 2 and slot["pid"] not in (None, victim) and slot["status"] == "ready"
 
-        wait_until(replaced)
+        wait_until(replaced, 120, interval_s=0.1, what="the killed worker replaced")
         assert process.poll() is None  # the supervisor is still serving, with two workers again
         codes = [post().status_code for _ in range(8)]
         assert codes == [200] * 8
         samples = scrape(base)
-        assert total(samples, "camserve_requests_total", endpoint="/predict", status="200") >= 9
+        assert metric(samples, "camserve_requests_total", endpoint="/predict", status="200") >= 9
         assert "died" in (tmp_path / "kill.log").read_text()
 
 
-def test_workers_that_cannot_start_stop_the_service_with_a_failure_status(bundle_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.server
+@pytest.mark.timeout(60)  # a dead worker is noticed at once, not after the 30 s health-check timeout
+def test_workers_that_cannot_start_stop_the_service_with_a_failure_status(bundle_dir: Path) -> None:
     # The supervisor starts (fp32 needs no timing there), each worker's start-up fails on the absent GPU.
-    env = {
-        **os.environ,
-        "CAMSERVE_MODEL_DIR": str(bundle_dir),
-        "CAMSERVE_PORT": "0",
-        "CAMSERVE_WORKERS": "2",
-        "CAMSERVE_PRECISION": "fp32",
-        "CAMSERVE_DEVICE": "cuda",
-    }
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    log = tmp_path / "fail.log"
-    with log.open("wb") as out:
-        status = subprocess.run([sys.executable, "-m", "service"], env=env, stdout=out, stderr=out, timeout=300)
-    assert status.returncode != 0
-    assert "failed to start" in log.read_text()
+    done = run_camserve(bundle_dir, timeout_s=50, workers=2, precision="fp32", device="cuda")
+    assert done.returncode != 0
+    assert "failed to start" in done.stdout + done.stderr

@@ -15,9 +15,14 @@ the replicas one service:
   so one scrape of ``/metrics`` counts every worker's requests and batches, and the worker slots
   (service/worker.py) that split the queue bound so the shares add up to ``CAMSERVE_QUEUE_SIZE``
   and let ``/health`` describe every worker;
-* no silent half-service: a worker that dies is restarted (uvicorn's loop), and its live gauges are
-  dropped from the metrics; one that cannot start (uvicorn's STARTUP_FAILURE) stops the service,
-  and the exit status is then non-zero.
+* no silent half-service: a worker that dies is restarted, and its live gauges are dropped from the
+  metrics; one that cannot start (uvicorn's STARTUP_FAILURE) stops the service, and the exit status
+  is then non-zero;
+* a dead worker noticed at once: uvicorn pings each worker over its pipe and waits up to the whole
+  health-check timeout (30 s here, for a worker importing torch on a loaded machine) for the answer,
+  even from a worker that has already exited, since the pipe's other end stays open in this process.
+  :func:`responsive` waits for the answer in short slices and checks between them that the process
+  is still alive.
 """
 
 from __future__ import annotations
@@ -25,15 +30,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
-from uvicorn.supervisors.multiprocess import Multiprocess
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from camcore.bundle import Bundle
 from service.runtime.slots import RUN_DIR_ENV, reloaded_already
@@ -44,7 +52,30 @@ log = logging.getLogger("camserve.supervisor")
 WORKER_APP = "service.runtime.worker_app:create_worker_app"
 MAX_AUTO_WORKERS = 8
 HEALTHCHECK_TIMEOUT_S = 30  # a worker importing torch on a loaded machine answers its first ping late
+PING_SLICE_S = 0.25  # how often a wait for a worker's answer checks that the worker still lives
 EXIT_WORKER_FAILED = 1
+
+
+def responsive(process: Process, timeout_s: float, slice_s: float = PING_SLICE_S) -> bool:
+    """Whether a worker answers uvicorn's health ping within ``timeout_s`` (``Process.is_alive``'s
+    contract), giving up as soon as the process has exited instead of when the timeout runs out."""
+    if not process.process.is_alive():
+        return False
+    try:
+        process.parent_conn.send(b"ping")
+    except OSError:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            if process.parent_conn.poll(min(slice_s, left)):
+                process.parent_conn.recv()  # the worker's started flag: any answer means it lives
+                return True
+        except (OSError, EOFError, pickle.UnpicklingError):
+            return False
+        if not process.process.is_alive():
+            return False
+    return False
 
 
 def worker_count(setting: int | str, cpus: int) -> int:
@@ -90,16 +121,29 @@ class Supervisor(Multiprocess):
                 os.kill(process.pid, signal.SIGHUP)
 
     def keep_subprocess_alive(self) -> None:
-        exiting = self.should_exit.is_set()
-        before = {process.pid for process in self.processes}
-        super().keep_subprocess_alive()
-        for pid in before - {process.pid for process in self.processes}:
-            if pid is not None:
-                mark_process_dead(pid, str(self.metrics_dir))  # its queue depth no longer counts
-                self.restarts += 1
-                log.warning("worker %d died and was replaced (%d restart(s) so far)", pid, self.restarts)
-        if not exiting and self.should_exit.is_set():  # uvicorn gave up: a worker cannot start
-            self.failed = True
+        """uvicorn's loop over the workers (restart the dead, stop on a start-up failure), with the
+        liveness check of :func:`responsive` and this service's bookkeeping for a dead worker."""
+        if self.should_exit.is_set():
+            return
+        for index, process in enumerate(self.processes):
+            if responsive(process, self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()  # hung, or gone already
+            process.join()
+            if process.pid is not None:
+                mark_process_dead(process.pid, str(self.metrics_dir))  # its queue depth no longer counts
+            if process.exitcode == STARTUP_FAILURE:  # it would fail the same way on every restart
+                log.error("worker %s failed to start, stopping the service", process.pid)
+                self.failed = True
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            replacement = Process(self.config, self.sockets)
+            replacement.start()
+            self.processes[index] = replacement
+            self.restarts += 1
+            log.warning("worker %s died and was replaced (%d restart(s) so far)", process.pid, self.restarts)
 
 
 def serve_workers(settings: Settings, bundle: Bundle, workers: int, make_config: Callable[..., uvicorn.Config]) -> int:
