@@ -22,8 +22,11 @@ class NullEngine:
     """The attributes and batch functions of :class:`service.inference.torch_engine.TorchEngine`, without its work."""
 
     device_name = "null"
+    runtime = "null"
+    runtime_reason = "set by CAMSERVE_ENGINE=null"
     precision = "fp32"
     traced = None
+    compiled = False
     trace_reason = "off (null engine)"
 
     def __init__(self, bundle: Bundle, batch_ms: float = 0.0, tta: str = "none") -> None:

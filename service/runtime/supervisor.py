@@ -56,14 +56,20 @@ def worker_count(setting: int | str, cpus: int) -> int:
 
 
 def decide_precision(settings: Settings, bundle: Bundle) -> tuple[str, str | None]:
-    """The precision every worker serves at, and why; timed here once when it is ``auto``."""
+    """The precision every worker serves at, and why: read from the bundle's measurements on OpenVINO
+    (service/inference/choice.py), timed here once on torch, when it is ``auto``."""
     if settings.precision != "auto" or settings.engine == "null":
         return settings.precision, None
+    from service.inference.choice import choose_runtime, openvino_precision
     from service.inference.torch_engine import TorchEngine, resolve_device
 
-    engine = TorchEngine(
-        bundle, resolve_device(settings.device), "auto", settings.max_batch_size, trace=False, tta=settings.tta
-    )
+    device = resolve_device(settings.device)
+    if choose_runtime(settings, device)[0] == "openvino":
+        from camcore.openvino_forward import native_bf16
+
+        precision, reason = openvino_precision(bundle, "auto", settings.tta, native_bf16())
+        return precision, f"{reason} (decided once by the supervisor for every worker)"
+    engine = TorchEngine(bundle, device, "auto", settings.max_batch_size, trace=False, tta=settings.tta)
     return engine.precision, f"{engine.precision_reason} (timed once by the supervisor for every worker)"
 
 
