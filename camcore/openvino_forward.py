@@ -100,8 +100,9 @@ def save_network(network: ov.Model, xml: Path | str) -> None:
 
 
 def chain(*models: ov.Model) -> ov.Model:
-    """One model: each model's single output feeds the next one's single input."""
-    first, *rest = models
+    """One model: each model's single output feeds the next one's single input. The models are cloned
+    first (rewiring changes a graph in place), so each can be chained again."""
+    first, *rest = (model.clone() for model in models)
     current = first
     for following in rest:
         (feed,) = [result.input_value(0) for result in current.get_results()]
