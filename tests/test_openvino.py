@@ -33,8 +33,8 @@ from camcore.bundle import (
     load_bundle,
     sha256_of,
 )
-from camcore.calibration import calibration_report
-from camcore.forward import ServedForward
+from camcore.calibration import calibration_report, served_probabilities
+from camcore.forward import ServedForward, in_batches
 from camcore.preprocess import image_to_uint8
 from service.app import create_app
 from service.inference.choice import choose_runtime, int8_eligible, openvino_precision
@@ -43,7 +43,8 @@ from service.inference.torch_engine import TorchEngine
 from service.settings import Settings
 
 CPU = torch.device("cpu")
-SLICE_PER_CLASS = 40  # 400 real test images: a few seconds of INT8 and fp32 forward passes
+SLICE_PER_CLASS = 40  # 400 real test images for INT8's figures; every other one against fp32 (rounding level)
+
 PNG = encode(random_image(3))
 MODEL = "test-bundle"
 
@@ -51,6 +52,19 @@ MODEL = "test-bundle"
 def engine(bundle, precision: str, tta: str = "none") -> OpenVinoEngine:
     gradcam = TorchEngine(bundle, CPU, "fp32", 8, trace=False, tta=tta)
     return OpenVinoEngine(bundle, precision, gradcam, batch_size=8, tta=tta, streams=1, threads=2)
+
+
+@pytest.fixture(scope="module")
+def shipped_engine(shipped):
+    """The shipped bundle's OpenVINO engine per (precision, TTA), each converted and compiled once."""
+    engines: dict[tuple[str, str], OpenVinoEngine] = {}
+
+    def get(precision: str, tta: str) -> OpenVinoEngine:
+        if (precision, tta) not in engines:
+            engines[precision, tta] = engine(shipped, precision, tta)
+        return engines[precision, tta]
+
+    return get
 
 
 def probabilities(eng, images: torch.Tensor, batch: int = 100) -> torch.Tensor:
@@ -75,27 +89,35 @@ def shipped():
     return load_bundle(SHIPPED_BUNDLE)
 
 
-def fp32_reference(bundle, images: torch.Tensor, tta: str) -> torch.Tensor:
-    forward = ServedForward.from_bundle(bundle, precision="fp32", tta=tta).eval()
-    with torch.inference_mode():
-        return forward(images)
+@pytest.fixture(scope="module")
+def fp32_views(shipped, real_slice) -> torch.Tensor:
+    """Torch fp32 logits of the slice and of its mirrors, (2, N, classes), computed once for both TTA modes."""
+    forward = ServedForward.from_bundle(shipped, precision="fp32", tta="flip").eval()
+    return in_batches(forward, real_slice.images, 100, logits=True)
+
+
+def fp32_reference(bundle, views: torch.Tensor, tta: str) -> torch.Tensor:
+    """What torch fp32 serves, ServedForward's step 4 on the cached logits."""
+    return served_probabilities(views[: 2 if tta == "flip" else 1], bundle.temperature)
 
 
 # -- the compiled recipe answers what torch fp32 answers ---------------------------------------------------
 @pytest.mark.parametrize("tta", ["flip", "none"])
-def test_compiled_fp32_answers_what_torch_fp32_answers_on_real_images(shipped, real_slice, tta):
-    compiled = probabilities(engine(shipped, "fp32", tta), real_slice.images)
-    reference = fp32_reference(shipped, real_slice.images, tta)
-    assert compiled.shape == reference.shape == (len(real_slice.labels), 10)
+def test_compiled_fp32_answers_what_torch_fp32_answers_on_real_images(
+    shipped, shipped_engine, real_slice, fp32_views, tta
+):
+    compiled = probabilities(shipped_engine("fp32", tta), real_slice.images[::2])
+    reference = fp32_reference(shipped, fp32_views[:, ::2], tta)
+    assert compiled.shape == reference.shape == (len(real_slice.labels) // 2, 10)
     # Same recipe, same fp32 arithmetic up to the order of the sums: differences at rounding level.
     assert (compiled - reference).abs().max() < 1e-4
     assert torch.equal(compiled.argmax(1), reference.argmax(1))
     assert torch.allclose(compiled.sum(1), torch.ones(len(compiled)), atol=1e-5)
 
 
-def test_compiled_bf16_agrees_with_torch_fp32(shipped, real_slice):
-    compiled = probabilities(engine(shipped, "bf16", "flip"), real_slice.images)
-    reference = fp32_reference(shipped, real_slice.images, "flip")
+def test_compiled_bf16_agrees_with_torch_fp32(shipped, shipped_engine, real_slice, fp32_views):
+    compiled = probabilities(shipped_engine("bf16", "none"), real_slice.images[::2])
+    reference = fp32_reference(shipped, fp32_views[:, ::2], "none")
     agreement = float((compiled.argmax(1) == reference.argmax(1)).double().mean())
     assert agreement >= 0.99, agreement  # bf16 keeps 8 bits of mantissa: a near tie may flip, no more
     assert (compiled - reference).abs().max() < 0.1
@@ -108,13 +130,15 @@ def within(measured: float, recorded: float, se: float, what: str) -> None:
 
 
 @pytest.mark.parametrize("tta", ["flip", "none"])
-def test_int8_figures_in_model_json_hold_on_a_slice_of_the_test_set(shipped, real_slice, tta):
+def test_int8_figures_in_model_json_hold_on_a_slice_of_the_test_set(
+    shipped, shipped_engine, real_slice, fp32_views, tta
+):
     record = shipped.metadata.get(QUANTIZED_KEY)
     if record is None:
         pytest.skip("the shipped bundle has no quantized network")
     recorded = record["test"][tta]
-    int8 = probabilities(engine(shipped, "int8", tta), real_slice.images)
-    reference = fp32_reference(shipped, real_slice.images, tta)
+    int8 = probabilities(shipped_engine("int8", tta), real_slice.images)
+    reference = fp32_reference(shipped, fp32_views, tta)
     labels, n = real_slice.labels, len(real_slice.labels)
     correct = (int8.argmax(1) == labels).double()
     agree = (int8.argmax(1) == reference.argmax(1)).double()
@@ -135,7 +159,7 @@ def test_int8_figures_in_model_json_hold_on_a_slice_of_the_test_set(shipped, rea
     within(float(brier.mean()), recorded["brier"], float(brier.std()) / math.sqrt(n), "Brier")
     # The served probabilities use the temperature refitted for INT8.
     assert calibration_report(int8, labels).images == n
-    assert engine(shipped, "int8", tta).temperature == record["temperature"]
+    assert shipped_engine("int8", tta).temperature == record["temperature"]
 
 
 def test_shipped_bundle_records_what_auto_precision_reads(shipped):
