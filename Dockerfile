@@ -13,6 +13,10 @@
 # sources, e.g. a local mirror or find-links that hold a +cpu wheel) at the version pinned in
 # pyproject.toml, or TORCH_CPU_VERSION (serving needs torch 2.13 or newer).
 #
+# OpenVINO (pinned in pyproject.toml) runs /predict's forward in the CPU image (CAMSERVE_RUNTIME=auto picks
+# it on a CPU, and the INT8 network the bundle ships); the CUDA image leaves it out and serves on torch, as
+# before. NNCF, which quantizes, is a training extra and in neither.
+#
 # Four stages:
 #   base     the Python 3.11 runtime (the official slim image by default; any Debian-family image
 #            whose apt can install python3.11 works too, e.g. a locally imported debootstrap rootfs,
@@ -73,7 +77,8 @@ RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml
         > /tmp/requirements.txt \
     && cat /tmp/requirements.txt \
     && case "${TORCH_VARIANT}" in \
-        cuda) pip install -r /tmp/requirements.txt ;; \
+        cuda) grep -v '^openvino\b' /tmp/requirements.txt > /tmp/requirements-cuda.txt \
+            && pip install -r /tmp/requirements-cuda.txt ;; \
         cpu) pinned=$(sed -n 's/^torch==//p' /tmp/requirements.txt) \
             && pip install ${TORCH_CPU_INDEX_URL:+--index-url "${TORCH_CPU_INDEX_URL}"} "torch==${TORCH_CPU_VERSION:-${pinned}}" \
             && grep -v '^torch\b' /tmp/requirements.txt > /tmp/requirements-cpu.txt \
@@ -92,7 +97,8 @@ COPY training ./training
 RUN pip wheel --no-deps --wheel-dir /tmp/dist . \
     && pip install --no-deps /tmp/dist/camserve-*.whl \
     && python -c 'import camcore, service.app' \
-    && python -c 'import importlib.util as u, sys; bad = [m for m in ("lightning", "torchvision") if u.find_spec(m)]; sys.exit(f"training-only packages in the runtime venv: {bad}" if bad else 0)'
+    && python -c 'import importlib.util as u, sys; bad = [m for m in ("lightning", "torchvision", "nncf") if u.find_spec(m)]; sys.exit(f"training-only packages in the runtime venv: {bad}" if bad else 0)' \
+    && if [ "${TORCH_VARIANT}" = cpu ]; then python -c 'import openvino, camcore.openvino_forward; print("openvino", openvino.get_version())'; fi
 
 
 FROM base AS bundle
