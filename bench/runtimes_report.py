@@ -25,6 +25,23 @@ def ceiling_of(server: str, point: str, concurrency: int) -> str:
     return "torch bf16 x1 @32"
 
 
+NOTES = """Reading the served table:
+
+* images/s counts answered images only. Bulk requests at c=32 offer 32 x 32 = 1,024 images at once
+  against `CAMSERVE_QUEUE_SIZE=512`, so many are refused with 503 by design (the non-200 column);
+  their p50 is mostly that of the quick refusals.
+* Lanes against OpenVINO's own streams: "openvino" is the service's default, two model lanes and a
+  compiled model with two streams of one thread each (one infer request per lane); "openvino, 1 lane"
+  is one lane and one stream over both threads. One stream wins for a lone client (c=1: its batch
+  gets both cores), two lanes win under concurrency (c=4, c=32) and on the model alone at batch 32
+  (x2 against x1), where a batch never waits on a core the event loop or another process took; the
+  default stays two lanes.
+* The targets (issue 25): bulk c=4 >= 2.0x plain torch bf16 at batch 32; a lone image at c=1 >=
+  1.5x plain torch at batch 1; lone images at c=32 >= 0.45x the INT8 model's own batch-32 ceiling
+  (that one together with the HTTP front's issue).
+"""
+
+
 def load_client(url: str, body, concurrency: int, seconds: float) -> dict:
     """``concurrency`` threads POSTing ``body`` for ``seconds`` (each request capped at 30 s), summarised as
     :func:`harness.parse_hey` does. A Python client shares the cores with the server: a floor, not hey's figure."""
@@ -137,5 +154,6 @@ def report(record: dict) -> str:
             "",
             *_served_table(record),
             "",
+            NOTES,
         ]
     )

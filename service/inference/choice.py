@@ -86,6 +86,16 @@ def int8_eligible(bundle: Bundle, tta: str) -> tuple[bool, str]:
     return ok, said if ok else f"not eligible: {said}"
 
 
+def gradcam_precision(bundle: Bundle, requested: str, native_bf16: bool) -> str:
+    """The torch precision Grad-CAM runs at beside the OpenVINO engine: the one asked for where torch has it,
+    else bf16 where native and the bundle's recorded agreement allows, else fp32. Read, not timed, so every
+    worker process agrees without the supervisor timing it."""
+    if requested in ("fp32", "bf16"):
+        return requested
+    bf16 = bundle.metadata.get("precision_agreement", {}).get("bf16")
+    return "bf16" if native_bf16 and isinstance(bf16, int | float) and bf16 >= MIN_AGREEMENT else "fp32"
+
+
 def openvino_precision(bundle: Bundle, requested: str, tta: str, native_bf16: bool) -> tuple[str, str]:
     """The precision the OpenVINO engine serves at, and why. :class:`BundleError` for ``int8`` on a bundle
     without a quantized network (a reload to it keeps the old model)."""

@@ -32,7 +32,7 @@ import torch
 
 from camcore.bundle import Bundle, load_bundle
 from camcore.network import block_geometry
-from service.inference.choice import choose_runtime
+from service.inference.choice import choose_runtime, gradcam_precision
 from service.inference.contract import BatchFunction, Engine
 from service.inference.null_engine import NullEngine
 from service.inference.torch_engine import TorchEngine
@@ -81,7 +81,7 @@ def build_engine(bundle: Bundle, settings: Settings, device: torch.device, lanes
 
     The runtime is :func:`~service.inference.choice.choose_runtime`'s: OpenVINO runs /predict with one
     stream per model lane over this process's threads (``lanes`` x torch's intra-op threads), and holds a
-    torch engine for Grad-CAM, at the torch precision the settings ask for (auto where they ask for int8).
+    torch engine for Grad-CAM, at the torch precision :func:`~service.inference.choice.gradcam_precision` reads.
     ``CAMSERVE_ENGINE=null`` builds the stand-in that answers without running the network
     (service.inference.null_engine).
     """
@@ -89,9 +89,10 @@ def build_engine(bundle: Bundle, settings: Settings, device: torch.device, lanes
         return NullEngine(bundle, settings.null_batch_ms, settings.tta)
     runtime, reason = choose_runtime(settings, device)
     if runtime == "openvino":
+        from camcore.openvino_forward import native_bf16
         from service.inference.openvino_engine import OpenVinoEngine  # openvino is imported only where it runs
 
-        torch_precision = settings.precision if settings.precision in ("fp32", "bf16") else "auto"
+        torch_precision = gradcam_precision(bundle, settings.precision, native_bf16())
         gradcam = TorchEngine(bundle, device, torch_precision, settings.max_batch_size, trace=False, tta=settings.tta)
         engine: Engine = OpenVinoEngine(
             bundle,
