@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHIPPED_BUNDLE, shared_cifar_archive
-from helpers import encode, make_bundle, random_image, real_test_slice
+from helpers import encode, make_bundle, make_image_folder, random_image, real_test_slice
 from PIL import Image
 from pydantic import ValidationError
 
@@ -335,3 +335,38 @@ def test_int8_on_a_bundle_without_a_quantized_network_is_refused(bundles):
     with pytest.raises(BundleError, match="no quantized network"):
         engine(bundle, "int8")
     assert int8_eligible(bundle, "flip") == (False, "int8: the bundle has no quantized network")
+
+
+# -- python -m training quantize ---------------------------------------------------------------------------
+def test_quantize_writes_a_verified_int8_network_and_what_it_measured(tmp_path, bundle_dir, cache_dir):
+    """On a tiny data set: 60 training images of which the bundle says it held out 20, 30 test images."""
+    pytest.importorskip("nncf")
+    from training import data
+    from training.quantize import CANDIDATES, quantize_bundle
+
+    folder = make_image_folder(tmp_path / "data")
+    path = shutil.copytree(bundle_dir, tmp_path / "bundle")
+    bundle = load_bundle(path)
+    cifar = data.load("folder", folder, cache_dir)
+    _, val = data.train_val_split(cifar.train, 20, 7)
+    forward = ServedForward.from_bundle(bundle).eval()
+    val_accuracy = round(float((in_batches(forward, val.images).argmax(1) == val.labels).float().mean()), 5)
+    metadata = json.loads((path / METADATA_FILE).read_text())
+    metadata.update(seed=7, val_images=20, val_accuracy=val_accuracy, dataset={"source": "folder", "train_images": 40})
+    (path / METADATA_FILE).write_text(json.dumps(metadata))
+
+    record = quantize_bundle(path, data_dir=str(folder), cache_dir=cache_dir)
+    written = load_bundle(path)  # the files verify against their sha256
+    assert written.metadata[QUANTIZED_KEY] == json.loads(json.dumps(record))
+    assert record["weights_sha256"] == written.version and set(record["files"]) == {QUANTIZED_XML, QUANTIZED_BIN}
+    assert record["calibration_images"]["images"] == 20 and record["calibration_images"]["views"] == 40
+    assert len(record["chosen_by"]["candidates"]) == len(CANDIDATES)
+    assert record["method"].endswith(min(record["chosen_by"]["candidates"].items(), key=lambda kv: kv[1])[0])
+    # What the service answers at INT8 on the test images is what was recorded for them.
+    int8 = engine(written, "int8", "flip")
+    assert int8.temperature == record["temperature"]
+    served = probabilities(int8, cifar.test.images)
+    figures = record["test"]["flip"]
+    assert figures["images"] == len(cifar.test) == 30
+    assert round(float((served.argmax(1) == cifar.test.labels).double().mean()), 5) == figures["accuracy"]
+    assert calibration_report(served, cifar.test.labels).nll == pytest.approx(figures["nll"], abs=1e-4)
