@@ -19,6 +19,10 @@
 # build of torch is the one package installed unhashed: PyTorch's CPU index is not where the locks are
 # compiled (`make lock`), so its wheels' hashes cannot be recorded there.
 #
+# OpenVINO (pinned in pyproject.toml) runs /predict's forward in the CPU image (CAMSERVE_RUNTIME=auto picks
+# it on a CPU, and the INT8 network the bundle ships); the CUDA image leaves it out and serves on torch, as
+# before. NNCF, which quantizes, is a training extra and in neither.
+#
 # Four stages:
 #   base     the Python 3.11 runtime (the official slim image by default; any Debian-family image
 #            whose apt can install python3.11 works too, e.g. a locally imported debootstrap rootfs,
@@ -95,7 +99,8 @@ COPY training ./training
 RUN pip wheel --no-deps --wheel-dir /tmp/dist . \
     && pip install --no-deps /tmp/dist/camserve-*.whl \
     && python -c 'import camcore, service.app' \
-    && python -c 'import importlib.util as u, sys; bad = [m for m in ("lightning", "torchvision") if u.find_spec(m)]; sys.exit(f"training-only packages in the runtime venv: {bad}" if bad else 0)'
+    && python -c 'import importlib.util as u, sys; bad = [m for m in ("lightning", "torchvision", "nncf") if u.find_spec(m)]; sys.exit(f"training-only packages in the runtime venv: {bad}" if bad else 0)' \
+    && if [ "${TORCH_VARIANT}" = cpu ]; then python -c 'import openvino, camcore.openvino_forward; print("openvino", openvino.get_version())'; fi
 
 
 FROM base AS bundle

@@ -38,7 +38,7 @@ test-fast: $(STAMP)
 # the dev/CI venv (dev.lock). Versions already locked are kept; `make lock UPGRADE=--upgrade` moves them.
 lock: $(STAMP)
 	$(LOCK) $(UPGRADE) -o requirements/serve.lock
-	$(LOCK) $(UPGRADE) --no-emit-package torch \
+	$(LOCK) $(UPGRADE) --extra openvino --no-emit-package torch \
 		$$(grep -oE '^(nvidia-|cuda-|triton)[a-z0-9.-]*' requirements/serve.lock | sed 's/^/--no-emit-package /') \
 		-o requirements/serve-cpu.lock
 	$(LOCK) $(UPGRADE) --extra dev -o requirements/dev.lock

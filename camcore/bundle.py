@@ -5,7 +5,9 @@ A bundle is a directory with
 * ``model.safetensors``: fp32 weights (safetensors, never a pickle, so loading runs no code);
 * ``model.json``: format version, classes, normalisation, input size, architecture, metrics,
   training provenance and the weights' sha256;
-* ``misclassified/``: PNGs of test images the model got wrong, listed in ``model.json``.
+* ``misclassified/``: PNGs of test images the model got wrong, listed in ``model.json``;
+* optionally ``model_int8.xml``/``.bin``: the network quantized to INT8 as OpenVINO IR (XML and raw
+  tensors: reading them runs no code), their sha256 and measurements in ``model.json``'s ``quantized``.
 
 Writing and reading live side by side so the format has one definition.
 """
@@ -32,6 +34,9 @@ BUNDLE_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
 MISCLASSIFIED_DIR = "misclassified"
+QUANTIZED_KEY = "quantized"
+QUANTIZED_XML = "model_int8.xml"
+QUANTIZED_BIN = "model_int8.bin"
 REQUIRED_KEYS = ("format", "architecture", "classes", "mean", "std", "input_size", "weights_sha256")
 INPUT_SIZE = 32  # what cifar-resnet9 takes (camcore.network), and what uploads are resized to
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -229,7 +234,48 @@ def load_bundle(path: str | Path) -> Bundle:
             f"{path / METADATA_FILE}: 'gradcam.default_layer' {recorded_layer!r} is none of {list(model.blocks)}"
         )
     _check_outputs(path, model, metadata)
+    verify_quantized(path, metadata)
     return Bundle(model=model, metadata=metadata, path=path)
+
+
+def verify_quantized(path: Path, metadata: dict[str, Any]) -> None:
+    """The optional INT8 network, checked like the weights: each file ``quantized.files`` lists exists and
+    has its sha256, it was quantized from these very weights, and its temperature is a positive number.
+    A bundle without the section has nothing to check; a bad one is refused whole (BundleError)."""
+    record = metadata.get(QUANTIZED_KEY)
+    if record is None:
+        return
+    meta_path = path / METADATA_FILE
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or set(files) != {QUANTIZED_XML, QUANTIZED_BIN}:
+        raise BundleError(
+            f"{meta_path}: '{QUANTIZED_KEY}.files' must give the sha256 of {QUANTIZED_XML} and {QUANTIZED_BIN}"
+        )
+    if record.get("weights_sha256") != metadata["weights_sha256"]:
+        raise BundleError(
+            f"{meta_path}: the quantized network was made from weights {record.get('weights_sha256')}, not these "
+            f"({metadata['weights_sha256']}): quantize again"
+        )
+    temperature = record.get("temperature", 1.0)
+    if not (isinstance(temperature, int | float) and not isinstance(temperature, bool) and 0 < temperature < 1e3):
+        raise BundleError(f"{meta_path}: '{QUANTIZED_KEY}.temperature' must be a positive number")
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{file}: missing (listed in {METADATA_FILE}'s {QUANTIZED_KEY}.files)")
+        actual = sha256_of(file)
+        if actual != expected:
+            raise BundleError(
+                f"{file}: sha256 {actual} does not match {METADATA_FILE}'s {expected}"
+                " (corrupt or replaced quantized network)"
+            )
+
+
+def quantized_network_path(bundle: Bundle) -> Path:
+    """The INT8 network's IR (its ``.bin`` beside it), verified by :func:`load_bundle` when the bundle was loaded."""
+    if QUANTIZED_KEY not in bundle.metadata:
+        raise BundleError(f"{bundle.path}: no quantized network (python -m training quantize writes one)")
+    return bundle.path / QUANTIZED_XML
 
 
 def write_bundle(path: str | Path, model: torch.nn.Module, metadata: dict[str, Any]) -> Path:

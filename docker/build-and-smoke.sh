@@ -23,7 +23,8 @@
 # The smoke test starts the image with --network host on a free port, waits for the image's own
 # HEALTHCHECK (GET /readyz) to pass, checks /livez /readyz /health, POSTs one of the bundle's
 # misclassified test PNGs to /predict and /gradcam and checks the top-1 label against model.json's
-# `predicted_label`, checks the process runs as non-root without Lightning/torchvision (and, in the
+# `predicted_label`, checks /health's runtime and precision (the CPU image: OpenVINO at INT8; the CUDA
+# image: torch), checks the process runs as non-root without Lightning/torchvision (and, in the
 # CPU image, with a torch that has no CUDA), checks the Open Inference Protocol's health and model
 # metadata paths, repeats with the bundle mounted from the host via CAMSERVE_MODEL_DIR, stops the
 # container with SIGTERM and requires exit code 0; then it prints both images' sizes.
@@ -364,6 +365,26 @@ check_predict_and_gradcam() {
   [ "$got" = "$expected" ] || die "/gradcam label '$got' != model.json predicted_label '$expected'"
 }
 
+# /health's runtime and precision: the CPU image answers /predict on OpenVINO at INT8 (the shipped bundle's
+# quantized network, chosen by its recorded agreement with fp32: service/inference/choice.py); the CUDA
+# image, which carries no OpenVINO, on torch.
+check_runtime() {  # check_runtime <cuda|cpu>
+  local url="http://127.0.0.1:$PORT" answer
+  curl -sf -o "$STATE/health-runtime.json" "$url/health" || die "GET /health failed"
+  answer=$(python3 - "$1" "$STATE/health-runtime.json" <<'EOF'
+import json, sys
+variant, health = sys.argv[1], json.load(open(sys.argv[2]))
+runtime, precision = health["runtime"], health["precision"]
+if variant == "cpu" and not (runtime.startswith("openvino ") and precision == "int8"):
+    sys.exit(f"the CPU image serves {runtime} at {precision}, not openvino at int8: {health['precision_reason']}")
+if variant == "cuda" and not runtime.startswith("torch "):
+    sys.exit(f"the CUDA image serves {runtime}, not torch")
+print(f"{runtime} ({health['runtime_reason']}), precision {precision} ({health['precision_reason']})")
+EOF
+  ) || die "$answer"
+  log "/health: $answer"
+}
+
 check_inside() {  # check_inside <cuda|cpu>
   local uid
   if [ "$1" = cpu ]; then
@@ -372,9 +393,9 @@ check_inside() {  # check_inside <cuda|cpu>
   fi
   uid=$(podman exec "$CONTAINER" id -u)
   [ "$uid" != 0 ] || die "the service runs as root"
-  podman exec "$CONTAINER" python -c 'import importlib.util as u, sys; bad = [m for m in ("lightning", "pytorch_lightning", "torchvision") if u.find_spec(m)]; sys.exit(f"training packages present: {bad}" if bad else 0)' \
+  podman exec "$CONTAINER" python -c 'import importlib.util as u, sys; bad = [m for m in ("lightning", "pytorch_lightning", "torchvision", "nncf") if u.find_spec(m)]; sys.exit(f"training packages present: {bad}" if bad else 0)' \
     || die "training-only packages in the image"
-  log "inside: uid $uid, PID 1 '$(podman exec "$CONTAINER" cat /proc/1/comm)', python $(podman exec "$CONTAINER" python -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)'), no Lightning/torchvision"
+  log "inside: uid $uid, PID 1 '$(podman exec "$CONTAINER" cat /proc/1/comm)', python $(podman exec "$CONTAINER" python -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)'), no Lightning/torchvision/NNCF"
 }
 
 stop_and_check() {
@@ -414,6 +435,7 @@ smoke_one() {  # smoke_one <cuda|cpu>, the image $IMAGE
   check_endpoints
   check_open_inference_protocol
   check_predict_and_gradcam
+  check_runtime "$1"
   check_inside "$1"
   stop_and_check
   cleanup_container "$CONTAINER"
@@ -429,6 +451,7 @@ smoke_one() {  # smoke_one <cuda|cpu>, the image $IMAGE
       --memory 3g --cpus 2 -e CAMSERVE_TORCH_THREADS=2
     check_endpoints
     check_predict_and_gradcam
+    check_runtime "$1"
     stop_and_check
     cleanup_container "$CONTAINER"
   fi

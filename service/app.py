@@ -130,7 +130,7 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
         bundle = preloaded or await run_in_threadpool(load_bundle, settings.model_dir)
         # The model threads ("lanes"), shared by every batcher: at most `lanes` batches at once.
         executor = ModelThreads(max_workers=lanes)
-        engine = await state.registry.start(bundle, device, executor)
+        engine = await state.registry.start(bundle, device, executor, lanes)
         for registration in BATCHERS:
             batcher = DynamicBatcher(
                 registration.name,
@@ -160,10 +160,12 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
             await grpc_server.start()
         state.ready, state.draining = True, False  # an app served again after a stop is ready again
         log.info(
-            "serving %s (%s) on %s, precision %s: %s; TTA %s; %d model lane(s) of %d thread(s), trace %s",
+            "serving %s (%s) on %s, %s (%s), precision %s: %s; TTA %s; %d model lane(s) of %d thread(s), trace %s",
             bundle.metadata.get("name"),
             bundle.version[:12],
             engine.device_name,
+            engine.runtime,
+            engine.runtime_reason,
             engine.precision,
             engine.precision_reason,
             engine.tta,

@@ -76,7 +76,7 @@ class ServiceMetrics:
     def model_installed(self, bundle: Bundle, engine: Engine) -> None:
         """The model now serving (on start-up and after every reload)."""
         info = {"name": bundle.name, "version": bundle.version, "precision": engine.precision}
-        self.model.info({**info, "device": engine.device_name})
+        self.model.info({**info, "device": engine.device_name, "runtime": engine.runtime})
 
     def track_queue_depth(self, endpoint: str, depth: Callable[[], int]) -> None:
         if self.multiprocess:  # set_function is invisible to other processes: pushed instead

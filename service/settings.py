@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The shipped bundle, next to the packages in a checkout and baked into the container image.
@@ -14,7 +14,8 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "cifar10
 # Also decode_image's default, for callers without settings (the benchmarks).
 DEFAULT_MAX_IMAGE_FRAMES = 1000
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+Runtime = Literal["auto", "torch", "openvino"]
 
 
 class Settings(BaseSettings):
@@ -27,7 +28,16 @@ class Settings(BaseSettings):
         8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC, in every worker (as Triton); 0: off"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Precision = "auto"
+    precision: Precision = Field(
+        "auto",
+        description="/predict's precision; auto: the fastest the bundle's own measurements allow "
+        "(service/inference/choice.py); int8 needs the bundle's quantized model and the openvino runtime",
+    )
+    runtime: Runtime = Field(
+        "auto",
+        description="what runs /predict's forward: auto = openvino on a CPU where it is installed, else torch; "
+        "Grad-CAM and ROAD always run on torch",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads; default: cores / model_lanes on a CPU with 2+ lanes, else torch's"
     )
@@ -93,6 +103,17 @@ class Settings(BaseSettings):
     cors_origins: list[str] = []
     log_level: str = "info"
     log_requests: bool = True
+
+    @model_validator(mode="after")
+    def _runtime_fits_precision(self) -> Settings:
+        """Combinations no engine serves, refused at start-up rather than at the first request."""
+        if self.precision == "int8" and self.runtime == "torch":
+            raise ValueError("CAMSERVE_PRECISION=int8 runs on the openvino runtime, not CAMSERVE_RUNTIME=torch")
+        if self.precision == "fp16" and self.runtime == "openvino":
+            raise ValueError("CAMSERVE_RUNTIME=openvino serves fp32, bf16 or int8 on a CPU, not fp16")
+        if self.device == "cuda" and self.runtime == "openvino":
+            raise ValueError("CAMSERVE_RUNTIME=openvino runs on the CPU; CAMSERVE_DEVICE=cuda keeps torch")
+        return self
 
     @field_validator("api_key")
     @classmethod

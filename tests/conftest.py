@@ -25,6 +25,9 @@ os.environ.setdefault("CAMSERVE_GRPC_PORT", "0")
 
 # Tests share 2 cores with whatever else runs; keep torch from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The tests written for the torch engine keep it (and their speed: converting a network to OpenVINO takes
+# seconds). tests/test_openvino.py asks for the openvino runtime by name; CAMSERVE_RUNTIME=auto runs the rest on it.
+os.environ.setdefault("CAMSERVE_RUNTIME", "torch")
 
 
 def shared_cifar_archive() -> Path | None:

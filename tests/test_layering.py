@@ -81,7 +81,9 @@ def train_only_distributions() -> set[str]:
     """What pyproject installs only for training, development or benchmarks, not to serve."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     runtime = {_distribution(r) for r in project["dependencies"]}
-    extras = {_distribution(r) for group in project["optional-dependencies"].values() for r in group}
+    # The openvino extra is a serving runtime (the CPU image has it), not training's.
+    groups = {name: group for name, group in project["optional-dependencies"].items() if name != "openvino"}
+    extras = {_distribution(r) for group in groups.values() for r in group}
     return extras - runtime - {"camserve"}
 
 

@@ -104,9 +104,13 @@ def _held_out_split(bundle: Bundle, cifar: data.Cifar) -> tuple[data.Split, dict
     return val, {"split": f"training images held out by train_val_split(seed={seed}, val_size={size})"}
 
 
-def calibrate_bundle(bundle_dir: Path, data_dir: str | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
-    """Fit and record the bundle's temperature in place: only ``model.json``'s ``calibration`` key changes."""
-    bundle = load_bundle(bundle_dir)  # verifies the weights' sha256 against model.json
+def load_held_out(
+    bundle: Bundle, data_dir: str | None = None, cache_dir: Path | None = None
+) -> tuple[data.Cifar, data.Split, dict[str, Any], ServedForward, torch.Tensor]:
+    """The bundle's data set and held-out split, rebuilt from model.json and checked by re-measuring the
+    recorded validation accuracy on it; with the fp32 flip-TTA recipe (on the GPU where there is one) and
+    the held-out images' (2, N, classes) logits before any temperature. :class:`SplitMismatch` if not the same.
+    """
     dataset = bundle.metadata.get("dataset") or {}
     source = dataset.get("source", "folder")
     location = data_dir or dataset.get("location")
@@ -130,18 +134,25 @@ def calibrate_bundle(bundle_dir: Path, data_dir: str | None = None, cache_dir: P
         )
     split["val_accuracy_remeasured"] = remeasured
     log.info("held-out split rebuilt: %d images, val accuracy %.5f as recorded", len(val), remeasured)
+    return cifar, val, split, forward, val_views
+
+
+def calibrate_bundle(bundle_dir: Path, data_dir: str | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Fit and record the bundle's temperature in place: only ``model.json``'s ``calibration`` key changes."""
+    bundle = load_bundle(bundle_dir)  # verifies the weights' sha256 against model.json
+    cifar, val, split, forward, val_views = load_held_out(bundle, data_dir, cache_dir)
     test_views = in_batches(forward, cifar.test.images, logits=True)
     record = calibration_record(val_views, val.labels, test_views, cifar.test.labels, split)
     write_calibration(bundle_dir, record)
     return record
 
 
-def write_calibration(bundle_dir: Path, record: dict[str, Any]) -> None:
-    """Replace ``calibration`` in model.json, re-read just before writing so other keys written meanwhile
-    survive; same layout as :func:`camcore.bundle.write_bundle`, swapped in atomically."""
+def write_calibration(bundle_dir: Path, record: dict[str, Any], key: str = "calibration") -> None:
+    """Replace ``key`` in model.json, re-read just before writing so other keys written meanwhile survive;
+    same layout as :func:`camcore.bundle.write_bundle`, swapped in atomically."""
     path = Path(bundle_dir) / METADATA_FILE
     metadata = json.loads(path.read_text(encoding="utf-8"))
-    metadata["calibration"] = record
+    metadata[key] = record
     if "weights_sha256" in metadata:  # keep the checksum last, where write_bundle puts it
         metadata["weights_sha256"] = metadata.pop("weights_sha256")
     staging = path.with_name(f".{path.name}.tmp")

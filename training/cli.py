@@ -1,5 +1,5 @@
-"""``python -m training fit|test|export|calibrate``: train, evaluate a checkpoint, write a serving bundle,
-fit a bundle's temperature."""
+"""``python -m training fit|test|export|calibrate|quantize``: train, evaluate a checkpoint, write a serving
+bundle, fit a bundle's temperature, quantize a bundle's network to INT8."""
 
 from __future__ import annotations
 
@@ -165,6 +165,22 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"written to {Path(args.bundle) / 'model.json'}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from training.quantize import quantize_bundle
+
+    record = quantize_bundle(
+        Path(args.bundle), data_dir=args.data_dir, cache_dir=Path(args.cache_dir) if args.cache_dir else None
+    )
+    print(f"INT8 network written; temperature {record['temperature']} refitted on held-out images")
+    for mode, figures in record["test"].items():
+        print(
+            f"test, TTA {mode}: accuracy {figures['accuracy']:.4f} (fp32 {figures['fp32_accuracy']:.4f}), agreement "
+            f"with fp32 {figures['agreement']:.4f}, ECE {figures['ece']:.4f}, NLL {figures['nll']:.4f}, "
+            f"Brier {figures['brier']:.4f}"
+        )
+    print(f"written to {Path(args.bundle) / 'model.json'}")
+
+
 def _devices(value: str) -> int | str:
     """Lightning's ``devices``: a count (or -1 for all) as an int; "auto" and id lists ("0,2") as given."""
     return int(value) if value.lstrip("-").isdecimal() else value
@@ -226,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("bundle", help="bundle directory, e.g. models/cifar10-resnet")
     data_args(calibrate, required=False)
     calibrate.set_defaults(func=cmd_calibrate)
+
+    quantize = sub.add_parser(
+        "quantize",
+        help="quantize a bundle's network to INT8 (NNCF) on its held-out images; writes model_int8.xml/.bin "
+        "and model.json's quantized record",
+    )
+    quantize.add_argument("bundle", help="bundle directory, e.g. models/cifar10-resnet")
+    data_args(quantize, required=False)
+    quantize.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -65,6 +65,8 @@ async def health(state: State) -> dict[str, Any]:
     return {
         "status": "ok",
         "device": engine.device_name,
+        "runtime": engine.runtime,
+        "runtime_reason": engine.runtime_reason,
         "precision": engine.precision,
         "precision_reason": engine.precision_reason,
         "test_time_augmentation": engine.tta,

@@ -129,7 +129,11 @@ class WorkersInfo(BaseModel):
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
     device: str = Field(examples=["cpu"])
-    precision: str = Field(examples=["bf16"])
+    runtime: str = Field(
+        examples=["openvino 2026.4.1"], description="what runs /predict's forward (Grad-CAM always runs on torch)"
+    )
+    runtime_reason: str = Field(examples=["auto: OpenVINO on a CPU"])
+    precision: str = Field(examples=["int8"], description="/predict's precision")
     precision_reason: str
     test_time_augmentation: str = Field(
         examples=["flip"], description="'flip': probabilities are the mean over each image and its mirror"

@@ -1,4 +1,4 @@
-"""The engine contract: what every engine (torch, null, and the faster CPU runtimes to come) offers.
+"""The engine contract: what every engine (torch, OpenVINO, null) offers.
 
 An engine is one bundle at one precision on one device. Its batch functions run on the model threads
 (:mod:`service.inference.batcher`), never on the event loop, and two lanes may call them at once, so
@@ -23,8 +23,10 @@ class Engine(Protocol):
 
     bundle: Bundle
     model: nn.Module  # the network, for its named blocks (Grad-CAM layers and their geometry)
+    runtime: str  # what runs /predict's forward, with its version: "torch 2.14.1", "openvino 2026.4.1", "null"
+    runtime_reason: str  # why that runtime: a setting, or what auto found (service/inference/choice.py)
     tta: str  # test-time augmentation of the served probabilities: "none" or "flip"
-    precision: str  # "fp32", "bf16", "fp16", ...
+    precision: str  # of /predict: "fp32", "bf16", "fp16", "int8"
     precision_reason: str  # why this precision: measured timings, a setting, ...
     trace_reason: str  # how /predict's forward runs: "on", "off (...)"
 

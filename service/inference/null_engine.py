@@ -22,6 +22,8 @@ class NullEngine:
     """An :class:`service.inference.contract.Engine` that does none of the network's work."""
 
     device_name = "null"
+    runtime = "null"
+    runtime_reason = "set by CAMSERVE_ENGINE=null"
     precision = "fp32"
     compiled = False
     trace_reason = "off (null engine)"

@@ -33,6 +33,7 @@ import torch
 
 from camcore.bundle import Bundle, load_bundle
 from camcore.network import block_geometry
+from service.inference.choice import choose_runtime, gradcam_precision
 from service.inference.contract import BatchFunction, Engine
 from service.inference.null_engine import NullEngine
 from service.inference.torch_engine import TorchEngine
@@ -75,15 +76,39 @@ def pinned_batch(run: BatchFunction) -> Callable[[list[Pinned[Any]]], list[Any]]
     return run_pinned
 
 
-def build_engine(bundle: Bundle, settings: Settings, device: torch.device) -> Engine:
-    """A warm engine for ``bundle``: precision chosen, traced, kernels selected. Blocking: run it on a model thread.
+def build_engine(bundle: Bundle, settings: Settings, device: torch.device, lanes: int = 1) -> Engine:
+    """A warm engine for ``bundle``: runtime and precision chosen, traced or compiled, kernels selected.
+    Blocking: run it on a model thread.
 
+    The runtime is :func:`~service.inference.choice.choose_runtime`'s: OpenVINO runs /predict with one
+    stream per model lane over this process's threads (``lanes`` x torch's intra-op threads), and holds a
+    torch engine for Grad-CAM, at the torch precision :func:`~service.inference.choice.gradcam_precision` reads.
     ``CAMSERVE_ENGINE=null`` builds the stand-in that answers without running the network
     (service.inference.null_engine).
     """
     if settings.engine == "null":
         return NullEngine(bundle, settings.null_batch_ms, settings.tta)
-    engine = TorchEngine(bundle, device, settings.precision, settings.max_batch_size, settings.trace, settings.tta)
+    runtime, reason = choose_runtime(settings, device)
+    if runtime == "openvino":
+        from camcore.openvino_forward import native_bf16
+        from service.inference.openvino_engine import OpenVinoEngine  # openvino is imported only where it runs
+
+        torch_precision = gradcam_precision(bundle, settings.precision, native_bf16())
+        gradcam = TorchEngine(bundle, device, torch_precision, settings.max_batch_size, trace=False, tta=settings.tta)
+        engine: Engine = OpenVinoEngine(
+            bundle,
+            settings.precision,
+            gradcam,
+            batch_size=settings.max_batch_size,
+            tta=settings.tta,
+            streams=lanes,
+            threads=lanes * torch.get_num_threads(),
+            runtime_reason=reason,
+        )
+    else:
+        engine = TorchEngine(
+            bundle, device, settings.precision, settings.max_batch_size, settings.trace, settings.tta, reason
+        )
     engine.warm_up()
     return engine
 
@@ -132,15 +157,16 @@ class EngineRegistry:
         self.current: Serving | None = None
         self.device: torch.device | None = None
         self.executor: Executor | None = None  # the model threads: batches, and reloads' build and warm-up
+        self.lanes = 1  # how many of them run batches at once
         self._on_install = on_install
         self._release_memory = release_memory
         self._lock = asyncio.Lock()
 
-    async def start(self, bundle: Bundle, device: torch.device, executor: Executor) -> Engine:
+    async def start(self, bundle: Bundle, device: torch.device, executor: Executor, lanes: int = 1) -> Engine:
         """Build and install the first engine on a model thread."""
-        self.device, self.executor = device, executor
+        self.device, self.executor, self.lanes = device, executor, lanes
         loop = asyncio.get_running_loop()
-        engine = await loop.run_in_executor(executor, build_engine, bundle, self.settings, device)
+        engine = await loop.run_in_executor(executor, build_engine, bundle, self.settings, device, lanes)
         self.install(bundle, engine)
         return engine
 
@@ -162,13 +188,16 @@ class EngineRegistry:
         async with self._lock:
             old = self.current
             bundle = await loop.run_in_executor(self.executor, load_bundle, self.settings.model_dir)
-            engine = await loop.run_in_executor(self.executor, build_engine, bundle, self.settings, self.device)
+            engine = await loop.run_in_executor(
+                self.executor, build_engine, bundle, self.settings, self.device, self.lanes
+            )
             self.install(bundle, engine)
             log.info(
-                "reloaded %s: %s -> %s, precision %s (%s)",
+                "reloaded %s: %s -> %s, %s, precision %s (%s)",
                 bundle.name,
                 old.bundle.version[:12] if old is not None else "none",
                 bundle.version[:12],
+                engine.runtime,
                 engine.precision,
                 engine.precision_reason,
             )

@@ -54,8 +54,11 @@ class TorchEngine:
         batch_size: int,
         trace: bool = True,
         tta: TestTimeAugmentation = "none",
+        runtime_reason: str = "",
     ) -> None:
         self.bundle = bundle
+        self.runtime = f"torch {torch.__version__}"
+        self.runtime_reason = runtime_reason
         self.tta = tta
         self.device = device
         self.model = bundle.model.to(device=device, memory_format=torch.channels_last).eval()
@@ -194,5 +197,10 @@ class TorchEngine:
         image = torch.zeros(3, 32, 32, dtype=torch.uint8)
         for size in (1, self.batch_size):
             self.predict([image] * size)
+        self.warm_up_gradcam()
+
+    def warm_up_gradcam(self) -> None:
+        """Grad-CAM's share of :meth:`warm_up` (an engine that runs /predict elsewhere warms only this)."""
+        image = torch.zeros(3, 32, 32, dtype=torch.uint8)
         self.gradcam([GradcamJob(image, self.bundle.default_cam_layer, None)] * min(self.batch_size, 8))
         self.gradcam([GradcamJob(image, self.bundle.default_cam_layer, None, road=True)])

@@ -87,14 +87,20 @@ def worker_count(setting: int | str, cpus: int) -> int:
 
 
 def decide_precision(settings: Settings, bundle: Bundle) -> tuple[str, str | None]:
-    """The precision every worker serves at, and why; timed here once when it is ``auto``."""
+    """The precision every worker serves at, and why; timed here once when it is ``auto`` on torch.
+
+    On OpenVINO ``auto`` stays ``auto``: each worker reads the same choice from the bundle's recorded
+    measurements (service/inference/choice.py), no timing, so all agree, and a reload to a bundle
+    without a quantized network falls back to bf16 there instead of being refused for int8."""
     if settings.precision != "auto" or settings.engine == "null":
         return settings.precision, None
+    from service.inference.choice import choose_runtime
     from service.inference.torch_engine import TorchEngine, resolve_device
 
-    engine = TorchEngine(
-        bundle, resolve_device(settings.device), "auto", settings.max_batch_size, trace=False, tta=settings.tta
-    )
+    device = resolve_device(settings.device)
+    if choose_runtime(settings, device)[0] == "openvino":
+        return settings.precision, None
+    engine = TorchEngine(bundle, device, "auto", settings.max_batch_size, trace=False, tta=settings.tta)
     return engine.precision, f"{engine.precision_reason} (timed once by the supervisor for every worker)"
 
 
