@@ -4,9 +4,13 @@ and deadlines for connections that send nothing or never finish their headers; a
 What plain uvicorn 0.54 does (read from ``uvicorn/protocols/http/httptools_impl.py``, and measured):
 
 * httptools sets no limit on request headers: the parser keeps appending a header value in memory
-  (20 MB of headers were read and answered 200). Here the bytes of a request's line and headers are
-  counted as they arrive, and their number as they are parsed: past ``max_header_bytes`` or
-  ``max_headers`` the client gets 431 and the connection is closed.
+  (20 MB of headers were read and answered 200), by concatenation, so the CPU grows with the square
+  of the size (a 128 MiB chunked trailer: 16.6 s of event-loop time). Here every byte that is not
+  body counts as it arrives: the request line and headers, and after the body has begun, the chunk
+  framing between body bytes and the trailer fields after the last chunk; fields, header or trailer,
+  are counted as parsed. Past ``max_header_bytes`` or ``max_headers`` the client gets 431 and the
+  connection is closed. Trailer fields are then dropped, not added to the request's headers: they
+  arrive after the app has read (and checked) those.
 * Its keep-alive timer runs only between requests, and any byte received cancels it: a connection
   that sends nothing after connecting, or half a request line, or a header a byte at a time, stays open
   for good. Here a connection that has not started a request within ``idle_timeout_s`` is closed, and
@@ -61,8 +65,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reading_head = True  # between requests or inside a request line and headers
-        self._head_bytes = 0
-        self._header_count = 0
+        self._head_bytes = 0  # of this request's head, while reading it (for the 408's "started a request")
+        # Bytes that are not body since the last check point (a body byte, the end of the head or of a
+        # request): the head, chunk framing, trailer fields. Counted per read, so one read of body and
+        # trailer together counts from its body on: the count lags by at most one read (asyncio's 256 KiB).
+        self._unbodied = 0
+        self._header_count = 0  # fields of this request, headers and trailers
+        self._trailer_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None
 
     # -- deadlines -------------------------------------------------------------------------------
@@ -92,6 +101,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, detail: str) -> None:
         log.debug("%s from %s: %s", status, self.client, detail)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # Refused mid-body (a trailer over the limit): the app, waiting for the rest of the body, sees
+            # the client gone and writes nothing more (it logs the request as 499).
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:  # an answer is already on the wire: a 431 now would corrupt it
+                self.transport.close()
+                return
         body = error_body(self._path(), detail)
         head = [
             STATUS_LINE[status],
@@ -121,6 +139,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         if self._reading_head:
             self._head_bytes += len(data)
+        self._unbodied += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -137,8 +156,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._reading_head and self._head_bytes > self.limits.max_header_bytes and not self.transport.is_closing():
-            self._refuse(431, f"request line and headers exceed {self.limits.max_header_bytes} bytes")
+        if self._unbodied > self.limits.max_header_bytes and not self.transport.is_closing():
+            if self._reading_head:
+                self._refuse(431, f"request line and headers exceed {self.limits.max_header_bytes} bytes")
+            else:
+                self._refuse(431, f"chunk framing or trailer fields exceed {self.limits.max_header_bytes} bytes")
 
     def eof_received(self) -> bool | None:
         cycle = self.cycle
@@ -156,26 +178,39 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_count = 0
+        self._trailer_bytes = 0
         self._arm(self.limits.header_timeout_s)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
-            raise HeadersTooLarge(f"more than {self.limits.max_headers} request headers")
-        super().on_header(name, value)
+            raise HeadersTooLarge(f"more than {self.limits.max_headers} request header and trailer fields")
+        if self._reading_head:
+            super().on_header(name, value)
+            return
+        # A trailer field (after a chunked body): counted exactly, then dropped.
+        self._trailer_bytes += len(name) + len(value) + 4
+        if self._trailer_bytes > self.limits.max_header_bytes:
+            raise HeadersTooLarge(f"request trailer fields exceed {self.limits.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self.limits.max_header_bytes:
             raise HeadersTooLarge(f"request line and headers exceed {self.limits.max_header_bytes} bytes")
         self._reading_head = False
+        self._unbodied = 0
         self._disarm()
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._unbodied = 0  # body bytes have their own limit (service.http.middleware.BodyLimit)
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._reading_head = True
         self._head_bytes = 0
+        self._unbodied = 0
 
 
 def uvicorn_bounds(settings: Settings) -> dict[str, Any]:

@@ -220,13 +220,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _error_key(scope: Scope) -> str:
-    """The Open Inference Protocol's paths (service.oip.routes) answer errors as ``{"error": ...}``."""
-    return "error" if scope["path"].startswith("/v2/") else "detail"
-
-
-async def _json_error(send: Send, status: int, detail: str, key: str = "detail") -> None:
-    body = json.dumps({key: detail}).encode()
+async def _json_error(send: Send, status: int, body: bytes) -> None:
+    """An error answer written below the app: ``body`` from :func:`service.http.error_shape.error_body`."""
     await send(
         {
             "type": "http.response.start",
