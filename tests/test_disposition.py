@@ -79,7 +79,8 @@ def test_well_formed_headers_read_as_the_email_package_reads_them(
     if not quote and any(c in name for c in " \t;\"'()<>@,:/[]?"):
         quote = True
     value = f'"{name}"' if quote else name
-    header = "; ".join(["inline", *(f"{k}={v}" for k, v in before), f"filename={value}", *(f"{k}={v}" for k, v in after)])
+    others = [f"{k}={v}" for k, v in before], [f"{k}={v}" for k, v in after]
+    header = "; ".join(["inline", *others[0], f"filename={value}", *others[1]])
     assert filename(header) == email_filename(header)
 
 
