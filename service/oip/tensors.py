@@ -1,10 +1,17 @@
 """The Open Inference Protocol's input tensors as images: ``image`` (BYTES, encoded files, decoded as
-``/predict`` decodes uploads) or ``pixels`` (UINT8 [-1, 32, 32, 3], no decoding)."""
+``/predict`` decodes uploads) or ``pixels`` (UINT8 [-1, 32, 32, 3], no decoding).
+
+:func:`read_input` is plain work on bytes and lists, run with the request's parse off the event loop
+(:mod:`service.oip.inference`); every count in it is checked against the per-request image limit
+before work that grows with it (issue 24). :func:`request_images` then decodes the files, if any,
+in the decoder's threads.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,6 +21,21 @@ from service.oip.wire import InferRequest, RequestInput, WireError, flatten, spl
 from service.state import ServiceState
 
 SIZE = 32  # the network's input side
+_ENVELOPE_VALUES = 1024  # the request's own JSON around its tensor data: names, shapes, parameters
+
+
+def json_value_limit(max_images: int) -> int:
+    """The most JSON values a request of ``max_images`` images needs: ``pixels`` nested [N][32][32][3] as
+    arrays (N * (3072 numbers + 1057 arrays)), plus its envelope. Anything larger is refused unparsed."""
+    return max_images * (SIZE * SIZE * 3 + SIZE * SIZE + SIZE + 1) + _ENVELOPE_VALUES
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    """What the request's one input holds: encoded image files to decode, or the images themselves."""
+
+    files: list[tuple[str, bytes]] | None = None
+    pixels: list[torch.Tensor] | None = None
 
 
 def _batch_size(tensor: RequestInput, shape: list[int], max_images: int) -> int:
@@ -28,13 +50,14 @@ def _batch_size(tensor: RequestInput, shape: list[int], max_images: int) -> int:
     return count
 
 
-async def _decode_image_input(tensor: RequestInput, state: ServiceState) -> list[torch.Tensor]:
-    settings = state.settings
-    count = _batch_size(tensor, [-1], settings.max_files)
+def _image_files(tensor: RequestInput, max_images: int) -> list[tuple[str, bytes]]:
+    count = _batch_size(tensor, [-1], max_images)
     if tensor.raw is not None:
-        elements = split_bytes_elements(tensor.raw, "input 'image'")
+        elements = split_bytes_elements(tensor.raw, "input 'image'", count)
     else:
         strings = flatten(tensor.data, "input 'image'")
+        if len(strings) != count:
+            raise WireError(f"input 'image': shape [{count}] but {len(strings)} elements")
         if not all(isinstance(s, str) for s in strings):
             raise WireError("input 'image': JSON elements must be base64 strings of image files")
         elements = []
@@ -45,8 +68,7 @@ async def _decode_image_input(tensor: RequestInput, state: ServiceState) -> list
                 raise WireError(f"image[{i}]: not base64 (as JSON, each element is a base64 image file)") from None
     if len(elements) != count:
         raise WireError(f"input 'image': shape [{count}] but {len(elements)} elements")
-    files = [(f"image[{i}]", data) for i, data in enumerate(elements)]
-    return await state.decoder.decode(files)  # priced, budgeted and decoded off the loop (service.decoding)
+    return [(f"image[{i}]", data) for i, data in enumerate(elements)]
 
 
 def _pixel_input(tensor: RequestInput, max_images: int) -> list[torch.Tensor]:
@@ -57,12 +79,13 @@ def _pixel_input(tensor: RequestInput, max_images: int) -> list[torch.Tensor]:
             raise WireError(f"input 'pixels': {len(tensor.raw)} bytes for shape {tensor.shape} ({expected} bytes)")
         array = np.frombuffer(tensor.raw, dtype=np.uint8)
     else:
+        flat = flatten(tensor.data, "input 'pixels'")
+        if len(flat) != expected:
+            raise WireError(f"input 'pixels': {len(flat)} values for shape {tensor.shape} ({expected} values)")
         try:
-            values = np.asarray(flatten(tensor.data, "input 'pixels'"))
+            values = np.asarray(flat)
         except (ValueError, TypeError, OverflowError):
             raise WireError("input 'pixels': 'data' must be integers 0..255") from None
-        if values.size != expected:
-            raise WireError(f"input 'pixels': {values.size} values for shape {tensor.shape} ({expected} values)")
         if values.dtype.kind not in "iu" or values.min() < 0 or values.max() > 255:
             raise WireError("input 'pixels': 'data' must be integers 0..255")
         array = values.astype(np.uint8)
@@ -70,7 +93,8 @@ def _pixel_input(tensor: RequestInput, max_images: int) -> list[torch.Tensor]:
     return list(torch.from_numpy(channels_first))
 
 
-async def request_images(infer: InferRequest, state: ServiceState) -> list[torch.Tensor]:
+def read_input(infer: InferRequest, max_images: int) -> TensorInput:
+    """The request's one input, checked and split (no decoding): off the event loop for a large body."""
     if len(infer.inputs) != 1:
         raise WireError(f"send exactly one input, 'image' or 'pixels' (got {len(infer.inputs)})")
     tensor = infer.inputs[0]
@@ -80,5 +104,11 @@ async def request_images(infer: InferRequest, state: ServiceState) -> list[torch
     if tensor.datatype != expected[tensor.name]:
         raise WireError(f"input '{tensor.name}': datatype {tensor.datatype}, expected {expected[tensor.name]}")
     if tensor.name == "image":
-        return await _decode_image_input(tensor, state)
-    return _pixel_input(tensor, state.settings.max_files)
+        return TensorInput(files=_image_files(tensor, max_images))
+    return TensorInput(pixels=_pixel_input(tensor, max_images))
+
+
+async def request_images(tensor: TensorInput, state: ServiceState) -> list[torch.Tensor]:
+    if tensor.pixels is not None:
+        return tensor.pixels
+    return await state.decoder.decode(tensor.files or [])  # priced, budgeted and decoded off the loop
