@@ -24,6 +24,7 @@ class NullEngine:
     device_name = "null"
     precision = "fp32"
     traced = None
+    compiled = False  # the contract's (service.inference.contract.Engine): /health reads it
     trace_reason = "off (null engine)"
 
     def __init__(self, bundle: Bundle, batch_ms: float = 0.0, tta: str = "none") -> None:
