@@ -46,7 +46,6 @@ async def client(bundle_dir: Path):
         yield http
 
 
-
 def assert_refused(response: httpx.Response, key: str, statuses: tuple[int, ...]) -> str:
     """A 4xx of the expected status, its body the endpoint's error shape: ``{key: message}``."""
     assert response.status_code in statuses, (response.status_code, response.text[:300])

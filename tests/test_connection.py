@@ -199,3 +199,34 @@ async def test_pipelined_requests_each_get_the_full_limit(connection) -> None:
         protocol.data_received(one)
         await settle()
     assert transport.written.count(b"HTTP/1.1 200 ") == 3 and not transport.closed
+
+
+def head_of(written: bytes) -> list[bytes]:
+    return written.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+
+
+async def test_answers_written_by_the_connection_carry_nosniff_and_the_error_shape(connection) -> None:
+    protocol, transport, _ = connection
+    feed(protocol, transport, b"GET /v2/x HTTP/1.1\r\nX-Filler: " + b"f" * (2 * LIMITS.max_header_bytes))
+    await settle()
+    assert b"x-content-type-options: nosniff" in head_of(transport.written)
+    assert transport.written.split(b"\r\n\r\n", 1)[1].startswith(b'{"error": ')
+
+
+async def test_bytes_that_are_not_http_get_a_json_400_with_nosniff(connection) -> None:
+    protocol, transport, _ = connection
+    protocol.data_received(b"\x16\x03\x01 not http at all\r\n\r\n")
+    await settle()
+    assert transport.written.startswith(b"HTTP/1.1 400 ") and transport.closed
+    assert b"x-content-type-options: nosniff" in head_of(transport.written)
+    assert transport.written.split(b"\r\n\r\n", 1)[1].startswith(b'{"detail": ')
+
+
+async def test_the_connection_caps_503_carries_nosniff(connection) -> None:
+    protocol, transport, _ = connection
+    protocol.limit_concurrency = 1  # this connection is the one the cap allows: any request is over it
+    protocol.data_received(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+    await settle()
+    assert transport.written.startswith(b"HTTP/1.1 503 "), bytes(transport.written[:200])
+    head = head_of(transport.written)
+    assert b"x-content-type-options: nosniff" in head and b"retry-after: 1" in head

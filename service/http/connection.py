@@ -23,7 +23,9 @@ What plain uvicorn 0.54 does (read from ``uvicorn/protocols/http/httptools_impl.
 
 uvicorn's own ``limit_concurrency`` (503 for every request while the process holds that many
 connections or tasks) is the connection cap; with these deadlines, connections that do nothing no
-longer hold places under it for long.
+longer hold places under it for long. Every answer written here (431, 408, 400 for bytes that are
+not HTTP, that 503) is JSON in the service's error shape with ``X-Content-Type-Options: nosniff``,
+as the app's own answers are.
 
 The h11 protocol has a header limit (``h11_max_incomplete_event_size``) but answers 400 rather than
 431 and has no header deadline either, so this small subclass it is: against plain httptools it
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httptools
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.http.error_shape import error_body
@@ -57,6 +60,22 @@ class HttpLimits:
 
 class HeadersTooLarge(Exception):
     pass
+
+
+NOSNIFF = b"x-content-type-options: nosniff\r\n"  # as service.http.middleware.SecurityHeaders adds above
+
+
+async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
+    body = error_body(scope["path"], "too many connections: try again shortly")
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -110,15 +129,27 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if cycle.response_started:  # an answer is already on the wire: a 431 now would corrupt it
                 self.transport.close()
                 return
-        body = error_body(self._path(), detail)
+        self._write_and_close(status, error_body(self._path(), detail))
+
+    def _write_and_close(self, status: int, body: bytes) -> None:
         head = [
             STATUS_LINE[status],
             b"content-type: application/json\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",
+            NOSNIFF,
             b"connection: close\r\n\r\n",
         ]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP, in the service's error shape and headers."""
+        self._write_and_close(400, error_body(self._path(), msg))
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # Past the connection cap uvicorn answers with its own plain-text 503 app: this one says the
+        # same in the service's error shape, with nosniff and when to retry.
+        super()._start_asgi_task(cycle, _over_capacity if app is service_unavailable else app)
 
     def _path(self) -> str:
         """The path of the request being refused, as far as it arrived (its error shape depends on it)."""
