@@ -13,10 +13,10 @@ from __future__ import annotations
 from fastapi import Request
 
 from service.http.disposition import filename
-from service.http.uploads import MULTIPART_OPENAPI
+from service.http.uploads import IMAGE_TYPES, MULTIPART_OPENAPI
 
 DEFAULT_NAME = "image"
-RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif")
+RAW_TYPES = IMAGE_TYPES
 
 REQUEST_BODY_OPENAPI = {
     "requestBody": {

@@ -86,7 +86,9 @@ def _pixel_input(tensor: RequestInput, max_images: int) -> list[torch.Tensor]:
             values = np.asarray(flat)
         except (ValueError, TypeError, OverflowError):
             raise WireError("input 'pixels': 'data' must be integers 0..255") from None
-        if values.dtype.kind not in "iu" or values.min() < 0 or values.max() > 255:
+        # JSON has one number type: 7.0 is the integer 7 (JSON Schema says so too), 7.5 is not
+        whole = values.dtype.kind in "iu" or (values.dtype.kind == "f" and bool(np.all(np.floor(values) == values)))
+        if not whole or values.min() < 0 or values.max() > 255:
             raise WireError("input 'pixels': 'data' must be integers 0..255")
         array = values.astype(np.uint8)
     channels_first = np.ascontiguousarray(array.reshape(count, SIZE, SIZE, 3).transpose(0, 3, 1, 2))
