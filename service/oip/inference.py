@@ -46,8 +46,8 @@ from service.oip.wire import (
 from service.state import ServiceState
 
 BATCHER = "predict"  # the protocol's infer runs through /predict's batcher
-# Larger bodies are parsed and split in a thread. The most a body this small can cost on the loop
-# is ~1 ms (JSON of 5,000 empty arrays, bench/results/bounds.md section 6); a thread hop costs more
+# Larger bodies are parsed and split in a thread. The most a body this small costs on the loop is
+# 0.7 ms (JSON of 5,400 empty arrays, bench/results/bounds.md section 5); a thread hop costs more
 # than parsing a one-image request.
 INLINE_PARSE_BYTES = 16 * 1024
 
