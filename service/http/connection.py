@@ -215,7 +215,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
-            raise HeadersTooLarge(f"more than {self.limits.max_headers} request header and trailer fields")
+            fields = "request headers" if self._reading_head else "request header and trailer fields"
+            raise HeadersTooLarge(f"more than {self.limits.max_headers} {fields}")
         if self._reading_head:
             super().on_header(name, value)
             return
