@@ -8,6 +8,7 @@ Adding an endpoint that queues images: its handler (a module of :mod:`service.ap
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import logging
 import os
@@ -23,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from camcore.bundle import Bundle, load_bundle
 from service import tracing
+from service.api.openapi import document_limits as api_limits
 from service.api.page import mount_static
 from service.api.routes import ROUTERS as API_ROUTERS
 from service.decoding.budget import release_free_memory
@@ -38,6 +40,7 @@ from service.inference.registry import EngineRegistry, pinned_batch
 from service.inference.torch_engine import resolve_device
 from service.metrics import ServiceMetrics
 from service.oip.routes import ROUTERS as OIP_ROUTERS
+from service.oip.schemas import document_limits as oip_limits
 from service.settings import Settings
 from service.state import ServiceState, WorkerView
 
@@ -195,6 +198,23 @@ def _lifespan(preloaded: Bundle | None, cpus: int | None):
     return lifespan
 
 
+def _document_limits(app: FastAPI, state: ServiceState) -> None:
+    """``/openapi.json`` says what the model now serving accepts (its layers, classes, name; the image limit):
+    FastAPI's document, built once from the routes, with those values written into a copy per request."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()
+        if state.engine is None:
+            return schema
+        schema = copy.deepcopy(schema)
+        api_limits(schema, state)
+        oip_limits(schema, state)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(
     settings: Settings | None = None,
     bundle: Bundle | None = None,
@@ -218,6 +238,7 @@ def create_app(
     for router in (*API_ROUTERS, *OIP_ROUTERS):
         app.include_router(router)
     document_security(app, [*API_ROUTERS, *OIP_ROUTERS])
+    _document_limits(app, app.state.camserve)
     mount_static(app)
     if settings.cors_origins:
         app.add_middleware(

@@ -84,6 +84,14 @@ def _open(browser: Browser, server: Server, **context_options) -> Iterator[Page]
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # The page's Content-Security-Policy (service/http/middleware.py) must not block anything it does.
+    page.add_init_script(
+        "document.addEventListener('securitypolicyviolation', e => "
+        "console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI || 'inline'}`))"
+    )
+    page.on(
+        "console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text or "CSP" in m.text else None
+    )
     page.goto(server.base_url + "/")
     # The model card fills in from /health: the page is wired up and the service is ready.
     expect(page.locator("#service-status")).to_have_attribute("data-state", "ready")

@@ -18,6 +18,7 @@ from service.inference.jobs import GradcamJob
 from service.inference.registry import pin
 
 BATCHER = "gradcam"
+MAX_INDEX_DIGITS = 6  # a class index has a few digits; a longer number is out of range without parsing it
 router = APIRouter()
 GradcamState = admitted(BATCHER)
 
@@ -27,12 +28,15 @@ def _resolve_target(target: str | None, classes: list[str]) -> int | None:
     and stays ``None`` all the way to the CAM code, which resolves it per image."""
     if not target:
         return None
-    # isdecimal, not isdigit: "²" is a digit that int() refuses, and that would be a 500.
-    if target.lstrip("-").isdecimal() and target.count("-") <= 1:
-        index = int(target)
-        if 0 <= index < len(classes):
+    # isdecimal, not isdigit: "²" is a digit that int() refuses, and that would be a 500. And no int() of
+    # more digits than an index can have: past 4,300 digits int() raises (Python's digit limit), a 500 too.
+    digits = target.lstrip("-")
+    if digits.isdecimal() and target.count("-") <= 1:
+        index = int(target) if len(digits) <= MAX_INDEX_DIGITS else None
+        if index is not None and 0 <= index < len(classes):
             return index
-        raise HTTPException(422, f"target index {index} out of range 0..{len(classes) - 1}")
+        shown = target if index is not None else f"{target[:12]}... ({len(digits)} digits)"
+        raise HTTPException(422, f"target index {shown} out of range 0..{len(classes) - 1}")
     lowered = {name.lower(): i for i, name in enumerate(classes)}
     if target.lower() in lowered:
         return lowered[target.lower()]
@@ -73,7 +77,7 @@ async def gradcam(
         raise HTTPException(422, "format=png returns one image: send exactly one file")
     road = faithfulness == "road"
     jobs = [GradcamJob(img, layer, target_index, method, road) for img in images]
-    rows = await submit(state, BATCHER, pin(engine, jobs))
+    rows = await submit(state, BATCHER, pin(engine, jobs), request)
     results = []
     for name, image, row in zip(names, images, rows, strict=True):
         heatmap = row.heatmap.numpy()

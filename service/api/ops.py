@@ -13,6 +13,7 @@ from service.api.schemas import ERRORS, MisclassifiedResponse
 from service.http.admission import AuthorizedState, readiness, retry_after, service_state
 
 router = APIRouter()
+SHOWN = 12  # without ?n=, as many as the page's gallery shows
 
 
 @router.get(
@@ -22,10 +23,13 @@ router = APIRouter()
     summary="Test images the model got wrong, most confident first",
 )
 async def misclassified(
-    state: AuthorizedState, n: Annotated[int, Query(ge=1, description="how many")] = 12
+    state: AuthorizedState,
+    n: Annotated[int | None, Query(ge=1, description=f"how many (default {SHOWN}, or all if fewer)")] = None,
 ) -> dict[str, Any]:
     total = len(state.misclassified)
-    if n > total:
+    if n is None:
+        n = min(SHOWN, total)
+    elif n > total:
         raise HTTPException(422, f"n must be between 1 and {total}")
     return {"model_version": state.bundle.version, "total": total, "items": state.misclassified[:n]}
 

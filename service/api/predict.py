@@ -36,7 +36,7 @@ async def predict(
     if top_k > len(classes):
         raise HTTPException(422, f"top_k must be at most {len(classes)}")
     names, images = await read_images(request, state)
-    rows = await submit(state, BATCHER, pin(engine, images))
+    rows = await submit(state, BATCHER, pin(engine, images), request)
     predictions = []
     for name, probabilities in zip(names, rows, strict=True):
         best = top_indices(probabilities, top_k)

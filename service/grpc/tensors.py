@@ -54,7 +54,9 @@ async def input_images(inputs: Inputs, state: ServiceState, others: tuple[str, .
     tensor, raw = inputs.tensors[images[0]]
     count = image_count(tensor.name, tensor.datatype, list(tensor.shape), state.settings.max_files)
     if tensor.name == "image":
-        elements = split_bytes_elements(raw, "input 'image'") if raw is not None else tensor.contents.bytes_contents
+        elements = (
+            split_bytes_elements(raw, "input 'image'", count) if raw is not None else tensor.contents.bytes_contents
+        )
         return await decode_images(list(elements), count, state)
     values = None if raw is not None else tensor.contents.uint_contents
     return pixel_images(count, list(tensor.shape), raw=raw, values=values, field="'uint_contents'")

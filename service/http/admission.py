@@ -7,15 +7,20 @@ module turns their refusals into HTTP answers. Every 503 says ``Retry-After: CAM
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
+from starlette.requests import ClientDisconnect
 
 from service.http.auth import authorize, checks_key
 from service.protocol import gate
 from service.protocol.gate import Readiness as Readiness
 from service.protocol.gate import readiness as readiness
 from service.state import ServiceState
+
+T = TypeVar("T")
 
 
 def retry_after(state: ServiceState) -> dict[str, str]:
@@ -68,10 +73,48 @@ def admitted(batcher_name: str) -> Any:
     return Annotated[ServiceState, Depends(dependency)]
 
 
-async def submit(state: ServiceState, batcher_name: str, payloads: list) -> list:
-    """Submit to an endpoint's batcher, turning its refusals into HTTP answers."""
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """``await work``, cancelled as soon as the client disconnects (then :class:`ClientDisconnect`, a 499).
+
+    The body has been read by now, so the next ASGI message is ``http.disconnect``: under uvicorn it
+    comes when the connection is lost, under an in-process client when the answer is complete. A
+    watcher task waits for it and cancels this one; cancelled, the batcher's ``submit`` cancels its
+    images' futures, and a batch that has not started drops them (``camserve_dropped_images``).
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    left = False
+    finished = False
+
+    async def watch() -> None:
+        nonlocal left
+        try:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass  # body bytes after the body (none with a well-behaved server): nothing to do with them
+        except Exception:  # a receive that fails cannot tell us anything: stop watching
+            return
+        if not finished:
+            left = True
+            task.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-        return await gate.submit(state, batcher_name, payloads)
+        return await work
+    except asyncio.CancelledError:
+        if left and task.uncancel() == 0:
+            raise ClientDisconnect() from None
+        raise
+    finally:
+        finished = True
+        watcher.cancel()
+
+
+async def submit(state: ServiceState, batcher_name: str, payloads: list, request: Request | None = None) -> list:
+    """Submit to an endpoint's batcher, turning its refusals into HTTP answers; with ``request``, the
+    images that have not started are dropped when its client disconnects."""
+    work = gate.submit(state, batcher_name, payloads)
+    try:
+        return await (work if request is None else _unless_client_leaves(request, work))
     except gate.Refused as exc:
         headers = retry_after(state) if exc.status == 503 else None
         raise HTTPException(exc.status, str(exc), headers=headers) from None

@@ -4,9 +4,13 @@ and deadlines for connections that send nothing or never finish their headers; a
 What plain uvicorn 0.54 does (read from ``uvicorn/protocols/http/httptools_impl.py``, and measured):
 
 * httptools sets no limit on request headers: the parser keeps appending a header value in memory
-  (20 MB of headers were read and answered 200). Here the bytes of a request's line and headers are
-  counted as they arrive, and their number as they are parsed: past ``max_header_bytes`` or
-  ``max_headers`` the client gets 431 and the connection is closed.
+  (20 MB of headers were read and answered 200), by concatenation, so the CPU grows with the square
+  of the size (a 128 MiB chunked trailer: 16.6 s of event-loop time). Here every byte that is not
+  body counts as it arrives: the request line and headers, and after the body has begun, the chunk
+  framing between body bytes and the trailer fields after the last chunk; fields, header or trailer,
+  are counted as parsed. Past ``max_header_bytes`` or ``max_headers`` the client gets 431 and the
+  connection is closed. Trailer fields are then dropped, not added to the request's headers: they
+  arrive after the app has read (and checked) those.
 * Its keep-alive timer runs only between requests, and any byte received cancels it: a connection
   that sends nothing after connecting, or half a request line, or a header a byte at a time, stays open
   for good. Here a connection that has not started a request within ``idle_timeout_s`` is closed, and
@@ -19,7 +23,9 @@ What plain uvicorn 0.54 does (read from ``uvicorn/protocols/http/httptools_impl.
 
 uvicorn's own ``limit_concurrency`` (503 for every request while the process holds that many
 connections or tasks) is the connection cap; with these deadlines, connections that do nothing no
-longer hold places under it for long.
+longer hold places under it for long. Every answer written here (431, 408, 400 for bytes that are
+not HTTP, that 503) is JSON in the service's error shape with ``X-Content-Type-Options: nosniff``,
+as the app's own answers are.
 
 The h11 protocol has a header limit (``h11_max_incomplete_event_size``) but answers 400 rather than
 431 and has no header deadline either, so this small subclass it is: against plain httptools it
@@ -57,14 +63,35 @@ class HeadersTooLarge(Exception):
     pass
 
 
+NOSNIFF = b"x-content-type-options: nosniff\r\n"  # as service.http.middleware.SecurityHeaders adds above
+
+
+async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
+    body = error_body(scope["path"], "too many connections: try again shortly")
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     limits: HttpLimits = HttpLimits(max_header_bytes=16384, max_headers=100, header_timeout_s=10, idle_timeout_s=15)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reading_head = True  # between requests or inside a request line and headers
-        self._head_bytes = 0
-        self._header_count = 0
+        self._head_bytes = 0  # of this request's head, while reading it (for the 408's "started a request")
+        # Bytes that are not body since the last check point (a body byte, the end of the head or of a
+        # request): the head, chunk framing, trailer fields. Counted per read, so one read of body and
+        # trailer together counts from its body on: the count lags by at most one read (asyncio's 256 KiB).
+        self._unbodied = 0
+        self._header_count = 0  # fields of this request, headers and trailers
+        self._trailer_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None
 
     # -- deadlines -------------------------------------------------------------------------------
@@ -94,15 +121,36 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, detail: str) -> None:
         log.debug("%s from %s: %s", status, self.client, detail)
-        body = error_body(self._path(), detail)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # Refused mid-body (a trailer over the limit): the app, waiting for the rest of the body, sees
+            # the client gone and writes nothing more (it logs the request as 499).
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:  # an answer is already on the wire: a 431 now would corrupt it
+                self.transport.close()
+                return
+        self._write_and_close(status, error_body(self._path(), detail))
+
+    def _write_and_close(self, status: int, body: bytes) -> None:
         head = [
             STATUS_LINE[status],
             b"content-type: application/json\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",
+            NOSNIFF,
             b"connection: close\r\n\r\n",
         ]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP, in the service's error shape and headers."""
+        self._write_and_close(400, error_body(self._path(), msg))
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # Past the connection cap uvicorn answers with its own plain-text 503 app: this one says the
+        # same in the service's error shape, with nosniff and when to retry.
+        super()._start_asgi_task(cycle, _over_capacity if app is service_unavailable else app)
 
     def _path(self) -> str:
         """The path of the request being refused, as far as it arrived (its error shape depends on it)."""
@@ -141,6 +189,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         if self._reading_head:
             self._head_bytes += len(data)
+        self._unbodied += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -157,8 +206,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._reading_head and self._head_bytes > self.limits.max_header_bytes and not self.transport.is_closing():
-            self._refuse(431, f"request line and headers exceed {self.limits.max_header_bytes} bytes")
+        if self._unbodied > self.limits.max_header_bytes and not self.transport.is_closing():
+            if self._reading_head:
+                self._refuse(431, f"request line and headers exceed {self.limits.max_header_bytes} bytes")
+            else:
+                self._refuse(431, f"chunk framing or trailer fields exceed {self.limits.max_header_bytes} bytes")
 
     def eof_received(self) -> bool | None:
         cycle = self.cycle
@@ -176,26 +228,40 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_count = 0
+        self._trailer_bytes = 0
         self._arm(self.limits.header_timeout_s)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
-            raise HeadersTooLarge(f"more than {self.limits.max_headers} request headers")
-        super().on_header(name, value)
+            fields = "request headers" if self._reading_head else "request header and trailer fields"
+            raise HeadersTooLarge(f"more than {self.limits.max_headers} {fields}")
+        if self._reading_head:
+            super().on_header(name, value)
+            return
+        # A trailer field (after a chunked body): counted exactly, then dropped.
+        self._trailer_bytes += len(name) + len(value) + 4
+        if self._trailer_bytes > self.limits.max_header_bytes:
+            raise HeadersTooLarge(f"request trailer fields exceed {self.limits.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self.limits.max_header_bytes:
             raise HeadersTooLarge(f"request line and headers exceed {self.limits.max_header_bytes} bytes")
         self._reading_head = False
+        self._unbodied = 0
         self._disarm()
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._unbodied = 0  # body bytes have their own limit (service.http.middleware.BodyLimit)
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._reading_head = True
         self._head_bytes = 0
+        self._unbodied = 0
 
 
 def uvicorn_bounds(settings: Settings) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from service.http.error_shape import error_body
 from service.metrics import ServiceMetrics
 
 access_log = logging.getLogger("camserve.access")
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before its answer
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -73,7 +74,15 @@ class RequestContext:
         request_id = given if given and _SAFE_ID.match(given) else self.ids.next()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        status = 500
+        status = 500  # what a client gets when the app ends without answering (uvicorn writes a 500)
+        started_answer = gone = False
+
+        async def receive_watched() -> Message:
+            nonlocal gone
+            message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
+            return message
+
         span = (
             tracing.start_request(  # None while tracing is off (service/tracing.py)
                 scope["method"],
@@ -86,16 +95,18 @@ class RequestContext:
         )
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_answer
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_answer = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_watched, send_with_id)
         finally:
+            if gone and not started_answer:
+                status = CLIENT_CLOSED  # nobody was there to answer: not a server error
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
@@ -136,10 +147,13 @@ class BodyLimit:
             await _json_error(send, 413, error_body(scope["path"], message))
             return
         received = 0
+        complete = False
         deadline = time.monotonic() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, complete
+            if complete:  # the body is in; waiting now is for the disconnect, which has no deadline
+                return await receive()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BodyTimeout(self.timeout_s)
@@ -152,6 +166,7 @@ class BodyLimit:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+                complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -237,6 +252,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _json_error(send: Send, status: int, body: bytes) -> None:
+    """An error answer written below the app: ``body`` from :func:`service.http.error_shape.error_body`."""
     await send(
         {
             "type": "http.response.start",

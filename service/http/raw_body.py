@@ -10,14 +10,13 @@ arrival time are bounded by the same middleware as any other body.
 
 from __future__ import annotations
 
-from email.message import Message
-
 from fastapi import Request
 
-from service.http.uploads import MULTIPART_OPENAPI
+from service.http.disposition import filename
+from service.http.uploads import IMAGE_TYPES, MULTIPART_OPENAPI
 
 DEFAULT_NAME = "image"
-RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif")
+RAW_TYPES = IMAGE_TYPES
 
 REQUEST_BODY_OPENAPI = {
     "requestBody": {
@@ -41,13 +40,7 @@ def is_raw_image(content_type: str) -> bool:
 def _filename(request: Request) -> str:
     """The name from an optional ``Content-Disposition: inline; filename="cat.jpg"``, for answers and errors."""
     disposition = request.headers.get("content-disposition")
-    if disposition:
-        message = Message()
-        message["content-disposition"] = disposition
-        name = message.get_filename()
-        if name:
-            return name
-    return DEFAULT_NAME
+    return (filename(disposition) if disposition else None) or DEFAULT_NAME
 
 
 async def read_raw_image(request: Request) -> list[tuple[str, bytes]]:

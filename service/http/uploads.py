@@ -8,6 +8,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 FIELD = "files"
 MULTIPART = "multipart/form-data"
+# What a file may be (each is decoded by its content, whatever its part says); also the raw body's types.
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif")
 
 MULTIPART_OPENAPI = {
     "requestBody": {
@@ -20,11 +22,13 @@ MULTIPART_OPENAPI = {
                     "properties": {
                         FIELD: {
                             "type": "array",
+                            "minItems": 1,  # an empty form is refused (422): the schema says so
                             "items": {"type": "string", "format": "binary"},
                             "description": "one or more images (JPEG, PNG, WebP, BMP, GIF)",
                         }
                     },
-                }
+                },
+                "encoding": {FIELD: {"contentType": ", ".join(IMAGE_TYPES)}},
             }
         },
     }

@@ -25,7 +25,7 @@ class NullEngine:
     runtime = "null"
     runtime_reason = "set by CAMSERVE_ENGINE=null"
     precision = "fp32"
-    compiled = False
+    compiled = False  # the contract's (service.inference.contract.Engine): /health reads it
     trace_reason = "off (null engine)"
 
     def __init__(self, bundle: Bundle, batch_ms: float = 0.0, tta: str = "none") -> None:

@@ -82,7 +82,7 @@ async def explanation_infer(request: Request, state: ExplainState, name: str, ve
     model = served(state, name, version)  # answered by this engine, even if another is loaded meanwhile
     engine = model.engine
     try:
-        infer_request = await _read_request(request)
+        infer_request, _ = await _read_request(request, state, split_input=False)
         options = cam_options(engine, infer_request.parameters)
         requested = infer_request.outputs
         wanted = wanted_outputs(None if requested is None else [o.name for o in requested], options)

@@ -3,7 +3,6 @@ bundle at ``CAMSERVE_MODEL_DIR``."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -12,9 +11,11 @@ from camcore.bundle import BundleError
 from service.http.admission import AuthorizedState
 from service.oip.model import PREFIX, serving
 from service.oip.schemas import LoadResult, RepositoryModel, errors
+from service.oip.wire import WireError, json_object
 from service.protocol.model import repository_index as models_index
 
 router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"])
+LOAD_JSON_VALUES, LOAD_JSON_BYTES = 256, 64 * 1024  # a load takes no parameters: larger is refused unparsed
 
 MODEL_CONTROL_OFF = (
     "model control is off: set CAMSERVE_MODEL_CONTROL=true to reload over HTTP (behind CAMSERVE_API_KEY when one is "
@@ -47,10 +48,10 @@ async def load(request: Request, state: AuthorizedState, name: str) -> dict[str,
     serving(state, name)
     body = await request.body()
     if body.strip():
-        try:
-            parameters = json.loads(body).get("parameters", {})
-        except (ValueError, AttributeError):
-            raise HTTPException(400, "the load request must be a JSON object") from None
+        try:  # bounded before parsing, its nesting too: a 4xx for any body (issue 24)
+            parameters = json_object(body, "the load request", LOAD_JSON_VALUES, LOAD_JSON_BYTES).get("parameters", {})
+        except WireError as exc:
+            raise HTTPException(exc.status_code, str(exc)) from None
         if parameters:
             raise HTTPException(400, "load takes no parameters: it reloads the bundle at CAMSERVE_MODEL_DIR")
     previous = state.engine.bundle.version

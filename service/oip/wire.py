@@ -8,7 +8,14 @@ tensors are their little-endian values, row-major. Answers use the same layout f
 client asked to get in binary (``parameters.binary_data`` per output, or ``binary_data_output`` for all).
 
 Everything here is model-agnostic: :mod:`service.oip.routes` maps tensors to images and rows to tensors.
-Every malformed request ends as :class:`WireError` (HTTP 400), never as another exception.
+Every malformed request ends as :class:`WireError` (HTTP 400, or 413 for :class:`WireTooLarge`), never
+as another exception.
+
+Nothing here does work that grows with a count before the count is bounded (issue 24): a JSON text
+is refused before it is parsed when it holds more values than ``max_values`` (counted from its
+``[``, ``{`` and ``,``, in C, a mebibyte at a time), and its nesting is bounded by the parser's recursion limit
+(a RecursionError is a 400 here, not a 500); a BYTES tensor is split no further than the elements
+its shape declares; a request names at most :data:`MAX_TENSORS` inputs and outputs.
 References: kserve ``docs/predict-api/v2/required_api.md``, triton ``docs/protocol/extension_binary_data.md``.
 """
 
@@ -21,10 +28,57 @@ from typing import Any
 import numpy as np
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_TENSORS = 16  # inputs, and outputs asked for, in one request
+_LENGTH_DIGITS = 18  # any length of a body that fits in memory, and int() never sees 5,000 digits
+_STRUCTURE = b",[{"  # every JSON value but the first is after one of these (outside strings: fewer)
+_SCAN_WINDOW = 1 << 20
 
 
 class WireError(ValueError):
     """A request that does not follow the protocol; the message says what and where."""
+
+    status_code = 400
+
+
+class WireTooLarge(WireError):
+    """A request over a count limit (values, elements)."""
+
+    status_code = 413
+
+
+def more_json_values_than(text: bytes, limit: int) -> bool:
+    """Whether a JSON text may hold more than ``limit`` values: every value but the first follows a ``[``,
+    ``{`` or ``,`` (outside strings, at least), counted by ``bytes.translate`` a window at a time, so that
+    no single C call holds the GIL for long and a hostile text is refused from its first window."""
+    count = 1
+    for start in range(0, len(text), _SCAN_WINDOW):
+        window = text[start : start + _SCAN_WINDOW]
+        count += len(window) - len(window.translate(None, _STRUCTURE))
+        if count > limit:
+            return True
+    return False
+
+
+def json_object(text: bytes, what: str, max_values: int, max_bytes: int | None = None) -> dict[str, Any]:
+    """``text`` parsed as a JSON object, refused before parsing when it may hold over ``max_values`` values
+    (or is over ``max_bytes``).
+
+    The bound is counted only for a text longer than ``max_values`` bytes (a value takes a byte at
+    least). Nesting deeper than the interpreter's recursion limit is a WireError, not a RecursionError.
+    """
+    if max_bytes is not None and len(text) > max_bytes:
+        raise WireTooLarge(f"{what} is over {max_bytes} bytes")
+    if len(text) > max_values and more_json_values_than(text, max_values):
+        raise WireTooLarge(f"{what} holds more than {max_values} JSON values")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise WireError(f"{what} is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WireError(f"{what} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise WireError(f"{what} must be a JSON object")
+    return value
 
 
 @dataclass(frozen=True)
@@ -33,7 +87,7 @@ class RequestInput:
     datatype: str
     shape: list[int]
     data: Any = None  # the JSON "data", when the tensor came as JSON
-    raw: bytes | None = None  # its bytes, when it came in the binary part
+    raw: bytes | memoryview | None = None  # its bytes, when it came in the binary part (a view of the body)
 
 
 @dataclass(frozen=True)
@@ -71,27 +125,26 @@ def _shape(value: Any, where: str) -> list[int]:
     return value
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
-    """(the JSON request, the binary part after it)."""
+def split_body(body: bytes, header_length: str | None, max_values: int) -> tuple[dict[str, Any], bytes | memoryview]:
+    """(the JSON request, the binary part after it); the JSON may hold at most ``max_values`` values."""
     if header_length is None:
         head, binary = body, b""
     else:
-        if not (header_length.isascii() and header_length.isdecimal()) or not 0 < int(header_length) <= len(body):
-            raise WireError(f"{HEADER_LENGTH} {header_length!r} is not a length within the {len(body)}-byte body")
-        head, binary = body[: int(header_length)], body[int(header_length) :]
-    try:
-        request = json.loads(head)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise WireError(f"the inference request is not valid JSON ({exc})") from None
-    if not isinstance(request, dict):
-        raise WireError("the inference request must be a JSON object")
-    return request, binary
+        valid = header_length.isascii() and header_length.isdecimal() and len(header_length) <= _LENGTH_DIGITS
+        if not valid or not 0 < int(header_length) <= len(body):
+            shown = header_length if len(header_length) <= 40 else header_length[:40] + "..."
+            raise WireError(f"{HEADER_LENGTH} {shown!r} is not a length within the {len(body)}-byte body")
+        # The binary part as a view: 16 MB copied twice (here and per input) held the GIL for milliseconds.
+        head, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
+    return json_object(head, "the inference request", max_values), binary
 
 
-def parse_request(request: dict[str, Any], binary: bytes) -> InferRequest:
+def parse_request(request: dict[str, Any], binary: bytes | memoryview) -> InferRequest:
     inputs_json = request.get("inputs")
     if not isinstance(inputs_json, list) or not inputs_json:
         raise WireError("'inputs' must be a non-empty list")
+    if len(inputs_json) > MAX_TENSORS:
+        raise WireError(f"'inputs': {len(inputs_json)} tensors, at most {MAX_TENSORS}")
     inputs, offset = [], 0
     for i, tensor in enumerate(inputs_json):
         where = f"input {i}"
@@ -123,6 +176,8 @@ def parse_request(request: dict[str, Any], binary: bytes) -> InferRequest:
         outputs_json = request["outputs"]
         if not isinstance(outputs_json, list):
             raise WireError("'outputs' must be a list")
+        if len(outputs_json) > MAX_TENSORS:
+            raise WireError(f"'outputs': {len(outputs_json)} asked for, at most {MAX_TENSORS}")
         outputs = []
         for i, output in enumerate(outputs_json):
             if not isinstance(output, dict) or not isinstance(output.get("name"), str):
@@ -158,17 +213,21 @@ def flatten(data: Any, where: str) -> list[Any]:
     return flat
 
 
-def split_bytes_elements(raw: bytes, where: str) -> list[bytes]:
-    """A binary BYTES tensor: each element a 4-byte little-endian length, then that many bytes."""
-    elements, pos = [], 0
+def split_bytes_elements(raw: bytes | memoryview, where: str, count: int) -> list[bytes]:
+    """A binary BYTES tensor of ``count`` elements (its shape's): each a 4-byte little-endian length, then
+    that many bytes. Split no further than ``count``: 16 MB of empty elements are 4 million of them."""
+    elements: list[bytes] = []
+    pos = 0
     while pos < len(raw):
+        if len(elements) == count:
+            raise WireError(f"{where}: more than the {count} elements of its shape")
         if pos + 4 > len(raw):
             raise WireError(f"{where}: truncated element length at byte {pos}")
         length = int.from_bytes(raw[pos : pos + 4], "little")
         pos += 4
         if pos + length > len(raw):
             raise WireError(f"{where}: element of {length} bytes runs past the tensor's end")
-        elements.append(raw[pos : pos + length])
+        elements.append(bytes(raw[pos : pos + length]))
         pos += length
     return elements
 

@@ -82,11 +82,14 @@ def pixel_images(
     return list(torch.from_numpy(channels_first))
 
 
-def split_bytes_elements(raw: bytes, where: str) -> list[bytes]:
+def split_bytes_elements(raw: bytes, where: str, count: int | None = None) -> list[bytes]:
     """A raw BYTES tensor: each element a 4-byte little-endian length, then that many bytes (the framing of
-    Triton's binary extension over REST and of ``raw_input_contents`` over gRPC)."""
+    Triton's binary extension over REST and of ``raw_input_contents`` over gRPC). With ``count`` (its
+    shape's), split no further: 16 MB of empty elements are 4 million of them."""
     elements, pos = [], 0
     while pos < len(raw):
+        if count is not None and len(elements) == count:
+            raise TensorError(f"{where}: more than the {count} elements of its shape")
         if pos + 4 > len(raw):
             raise TensorError(f"{where}: truncated element length at byte {pos}")
         length = int.from_bytes(raw[pos : pos + 4], "little")

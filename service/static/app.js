@@ -30,7 +30,7 @@
       if (value === null || value === undefined || value === false) continue;
       if (key === "class") node.className = value;
       else if (key === "text") node.textContent = value;
-      else if (key === "style") node.setAttribute("style", value);
+      else if (key === "style") node.style.cssText = value; // CSSOM: the page's CSP refuses style attributes
       else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
       else if (key in node && typeof value !== "string") node[key] = value;
       else node.setAttribute(key, value === true ? "" : value);
