@@ -23,8 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import camserve
-from helpers import encode, random_image, scrape
+from harness import camserve, scrape
+from helpers import encode, random_image
 
 from service.app import create_app
 from service.settings import Settings

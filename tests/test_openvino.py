@@ -277,7 +277,9 @@ def point(link: Path, target: Path) -> None:
 async def served(bundles: SimpleNamespace, tmp_path: Path):
     link = tmp_path / "current"
     point(link, bundles.quantized)
-    settings = Settings(model_dir=link, runtime="auto", max_batch_size=4, tta="none", log_requests=False)
+    settings = Settings(
+        model_dir=link, runtime="auto", max_batch_size=4, tta="none", log_requests=False, model_control=True
+    )
     app = create_app(settings)
     async with (
         app.router.lifespan_context(app),

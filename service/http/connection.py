@@ -66,19 +66,6 @@ class HeadersTooLarge(Exception):
 NOSNIFF = b"x-content-type-options: nosniff\r\n"  # as service.http.middleware.SecurityHeaders adds above
 
 
-async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
-    body = error_body(scope["path"], "too many connections: try again shortly")
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-content-type-options", b"nosniff"),
-        (b"retry-after", b"1"),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     limits: HttpLimits = HttpLimits(max_header_bytes=16384, max_headers=100, header_timeout_s=10, idle_timeout_s=15)
 
@@ -147,11 +134,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """uvicorn's answer to bytes that are not HTTP, in the service's error shape and headers."""
         self._write_and_close(400, error_body(self._path(), msg))
 
-    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        # Past the connection cap uvicorn answers with its own plain-text 503 app: this one says the
-        # same in the service's error shape, with nosniff and when to retry.
-        super()._start_asgi_task(cycle, _over_capacity if app is service_unavailable else app)
-
     def _path(self) -> str:
         """The path of the request being refused, as far as it arrived (its error shape depends on it)."""
         url = getattr(self, "url", b"") or b""
@@ -159,7 +141,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         # uvicorn answers a request over the connection cap with its own plain-text 503; ours is the
-        # service's error shape, with Retry-After, like every other 503.
+        # service's error shape, with nosniff and Retry-After, like every other 503.
         if app is service_unavailable:
             app = self._over_capacity
         super()._start_asgi_task(cycle, app)
@@ -169,6 +151,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
+            (b"x-content-type-options", b"nosniff"),
             (b"retry-after", str(self.limits.retry_after_s).encode()),
             (b"connection", b"close"),
         ]
