@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from service.protocol import tensors
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_TENSORS = 16  # inputs, and outputs asked for, in one request
 _LENGTH_DIGITS = 18  # any length of a body that fits in memory, and int() never sees 5,000 digits
@@ -214,26 +216,16 @@ def flatten(data: Any, where: str) -> list[Any]:
 
 
 def split_bytes_elements(raw: bytes | memoryview, where: str, count: int) -> list[bytes]:
-    """A binary BYTES tensor of ``count`` elements (its shape's): each a 4-byte little-endian length, then
-    that many bytes. Split no further than ``count``: 16 MB of empty elements are 4 million of them."""
-    elements: list[bytes] = []
-    pos = 0
-    while pos < len(raw):
-        if len(elements) == count:
-            raise WireError(f"{where}: more than the {count} elements of its shape")
-        if pos + 4 > len(raw):
-            raise WireError(f"{where}: truncated element length at byte {pos}")
-        length = int.from_bytes(raw[pos : pos + 4], "little")
-        pos += 4
-        if pos + length > len(raw):
-            raise WireError(f"{where}: element of {length} bytes runs past the tensor's end")
-        elements.append(bytes(raw[pos : pos + length]))
-        pos += length
-    return elements
+    """A binary BYTES tensor of ``count`` elements (its shape's), split by the framing both fronts share
+    (:func:`service.protocol.tensors.split_bytes_elements`: no further than ``count``); a bad framing is a
+    WireError (400)."""
+    try:
+        return [bytes(element) for element in tensors.split_bytes_elements(raw, where, count)]
+    except tensors.TensorError as exc:
+        raise WireError(str(exc)) from None
 
 
-def join_bytes_elements(elements: list[bytes]) -> bytes:
-    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+join_bytes_elements = tensors.join_bytes_elements
 
 
 @dataclass(frozen=True)
