@@ -126,7 +126,7 @@ def test_serving_needs_nothing_that_only_training_installs(package):
 
 def test_no_import_cycles_among_the_projects_modules():
     graph = {module: project_imports(module) for module in MODULES}
-    assert graph["service.http.admission"] >= {"service.state", "service.protocol.gate"}  # the graph is really read
+    assert graph["service.http.admission"] >= {"service.state", "service.fronts.gate"}  # the graph is really read
     try:
         tuple(TopologicalSorter(graph).static_order())
     except CycleError as exc:
@@ -151,7 +151,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("service.inference", "service.decoding"),
     ("service.metrics",),
     ("service.state",),
-    ("service.protocol",),
+    ("service.fronts",),
     ("service.http",),
     ("service.api", "service.oip", "service.grpc"),
     ("service.app",),
@@ -193,7 +193,7 @@ def test_no_room_imports_a_higher_one_or_a_neighbour():
     assert not broken, "\n".join(broken)
 
 
-@pytest.mark.parametrize("package", ["camcore", "service.inference", "service.decoding", "service.protocol"])
+@pytest.mark.parametrize("package", ["camcore", "service.inference", "service.decoding", "service.fronts"])
 def test_inference_decoding_and_camcore_know_no_http(package):
     users = top_levels(package.split(".")[0])
     inside = {m for m in MODULES if m == package or m.startswith(package + ".")}
@@ -221,7 +221,7 @@ def test_the_house_stays_small():
 
 
 def test_grpc_front_knows_no_http():
-    """gRPC shares what lies below the HTTP layer (service/protocol/), never the HTTP layer itself."""
+    """gRPC shares what lies below the HTTP layer (service/fronts/), never the HTTP layer itself."""
     inside = {m for m in MODULES if m.startswith("service.grpc.")}
     assert "service.grpc.server" in inside  # the room is really read
     users = top_levels("service")

@@ -5,7 +5,7 @@ lifespan (service/app.py), in every worker.
   default), so the kernel spreads new connections over the workers, as it does for the HTTP socket the
   supervisor shares. An HTTP/2 connection stays with the worker that accepted it.
 * Bounds: a message over ``CAMSERVE_MAX_UPLOAD_BYTES`` is refused by grpc itself (RESOURCE_EXHAUSTED)
-  before any handler runs; the decode budget and the queues are the REST side's (service/protocol/).
+  before any handler runs; the decode budget and the queues are the REST side's (service/fronts/).
 * Every RPC goes through :meth:`GrpcServer._wrap`: its refusal becomes a status code
   (service/grpc/status.py), it is counted in the Prometheus metrics as ``grpc <Method>`` and gets one
   JSON log line, as an HTTP request does.
@@ -32,10 +32,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import tracing
+from service.fronts import gate
 from service.grpc import inference_pb2 as pb
 from service.grpc.service import Call, InferenceService
 from service.grpc.status import Abort, status_of
-from service.protocol import gate
 from service.state import ServiceState
 
 log = logging.getLogger("camserve.grpc")

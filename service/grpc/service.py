@@ -18,12 +18,12 @@ from typing import Any
 import grpc
 
 from camcore.bundle import BundleError
+from service.fronts import gate
+from service.fronts.infer import cam_options, classify, explain, targets, wanted_outputs
+from service.fronts.model import Served, UnknownModel, metadata, repository_index, serving
 from service.grpc import inference_pb2 as pb
 from service.grpc.status import Abort
 from service.grpc.tensors import Inputs, add_output, input_images, int32_input, request_parameters
-from service.protocol import gate
-from service.protocol.infer import cam_options, classify, explain, targets, wanted_outputs
-from service.protocol.model import Served, UnknownModel, metadata, repository_index, serving
 from service.state import ServiceState
 
 EXTENSIONS = ["model_repository"]

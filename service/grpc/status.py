@@ -14,9 +14,9 @@ import grpc
 
 from service.decoding.budget import DecodeBusy
 from service.decoding.probe import ImageRejected
-from service.protocol.gate import Refused
-from service.protocol.model import UnknownModel
-from service.protocol.tensors import TensorError, TooManyImages
+from service.fronts.gate import Refused
+from service.fronts.model import UnknownModel
+from service.fronts.tensors import TensorError, TooManyImages
 
 BY_HTTP_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -50,7 +50,7 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str | None] | None:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), None
     if isinstance(exc, UnknownModel):
         return grpc.StatusCode.NOT_FOUND, str(exc), None
-    if isinstance(exc, Refused):  # counted by service.protocol.gate already
+    if isinstance(exc, Refused):  # counted by service.fronts.gate already
         return BY_HTTP_STATUS.get(exc.status, grpc.StatusCode.INTERNAL), str(exc), None
     if isinstance(exc, ImageRejected):
         return (

@@ -1,6 +1,6 @@
 """The gRPC messages' tensors: inputs out of typed ``contents`` or ``raw_input_contents`` (one entry per
 input, in order, never both), outputs into ``raw_output_contents`` as Triton answers them (what
-``tritonclient.grpc``'s ``as_numpy`` reads); what the tensors must be is service/protocol/tensors.py's."""
+``tritonclient.grpc``'s ``as_numpy`` reads); what the tensors must be is service/fronts/tensors.py's."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.grpc import inference_pb2 as pb
-from service.protocol.tensors import (
+from service.fronts.tensors import (
     TensorError,
     decode_images,
     image_count,
@@ -18,6 +17,7 @@ from service.protocol.tensors import (
     pixel_images,
     split_bytes_elements,
 )
+from service.grpc import inference_pb2 as pb
 from service.state import ServiceState
 
 Input = pb.ModelInferRequest.InferInputTensor

@@ -1,7 +1,7 @@
 """Who gets in, for the JSON API and the Open Inference Protocol alike: readiness, the API key and room
 in an endpoint's queue, checked before the body is read; and the batchers' refusals as HTTP answers.
 
-The checks themselves are the protocol-neutral ones gRPC uses too (service/protocol/gate.py); this
+The checks themselves are the protocol-neutral ones gRPC uses too (service/fronts/gate.py); this
 module turns their refusals into HTTP answers. Every 503 says ``Retry-After: CAMSERVE_RETRY_AFTER_S``.
 """
 
@@ -14,10 +14,10 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, HTTPException, Request
 from starlette.requests import ClientDisconnect
 
+from service.fronts import gate
+from service.fronts.gate import Readiness as Readiness
+from service.fronts.gate import readiness as readiness
 from service.http.auth import authorize, checks_key
-from service.protocol import gate
-from service.protocol.gate import Readiness as Readiness
-from service.protocol.gate import readiness as readiness
 from service.state import ServiceState
 
 T = TypeVar("T")
@@ -53,7 +53,7 @@ AuthorizedState = Annotated[ServiceState, Depends(authorized_state)]
 
 
 def admit(state: ServiceState, batcher_name: str) -> None:
-    """503 while the endpoint's queue is full or the service drains (:func:`service.protocol.gate.queue_refusal`)."""
+    """503 while the endpoint's queue is full or the service drains (:func:`service.fronts.gate.queue_refusal`)."""
     refusal = gate.queue_refusal(state, batcher_name)
     if refusal is not None:
         raise HTTPException(refusal.status, str(refusal), headers=retry_after(state))

@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute, APIRouter
 from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.datastructures import Headers
 
-from service.protocol.gate import key_accepted
+from service.fronts.gate import key_accepted
 
 if TYPE_CHECKING:
     from service.state import ServiceState

@@ -1,5 +1,5 @@
 """The explanation model over REST, ``<bundle name>-cam``: its metadata, readiness and infer, through
-``/gradcam``'s batcher and limits (what it takes and answers: service/protocol/model.py).
+``/gradcam``'s batcher and limits (what it takes and answers: service/fronts/model.py).
 
 Its paths are the protocol's (``/v2/models/{name}/infer``...), so its routes match only when ``name`` is
 the explanation model's (:class:`ExplanationRoute`); they come before the classifier's routes, which
@@ -17,14 +17,14 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 
+from service.fronts.infer import cam_options, explain, targets, wanted_outputs
+from service.fronts.model import CAM_SUFFIX, metadata
+from service.fronts.tensors import TensorError
 from service.http.admission import State, admitted
 from service.oip.inference import _read_request  # the protocol's body, read as infer reads it (bounds and all)
 from service.oip.model import PREFIX, served
 from service.oip.tensors import tensor_images
 from service.oip.wire import HEADER_LENGTH, RequestInput, WireError, bytes_output, encode_response, float32_output
-from service.protocol.infer import cam_options, explain, targets, wanted_outputs
-from service.protocol.model import CAM_SUFFIX, metadata
-from service.protocol.tensors import TensorError
 
 BATCHER = "gradcam"
 

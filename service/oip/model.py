@@ -1,4 +1,4 @@
-"""The protocol's models over REST (service/protocol/model.py: the bundle's classifier and its
+"""The protocol's models over REST (service/fronts/model.py: the bundle's classifier and its
 explanations, ``<bundle name>-cam``): resolved by name and version, or 404."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from service.fronts.model import Served, UnknownModel
+from service.fronts.model import metadata as model_metadata
+from service.fronts.model import serving as serving_model
 from service.inference.contract import Engine
-from service.protocol.model import Served, UnknownModel
-from service.protocol.model import metadata as model_metadata
-from service.protocol.model import serving as serving_model
 from service.state import ServiceState
 
 PREFIX = "/v2"

@@ -8,11 +8,11 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 
 from camcore.bundle import BundleError
+from service.fronts.model import repository_index as models_index
 from service.http.admission import AuthorizedState
 from service.oip.model import PREFIX, serving
 from service.oip.schemas import LoadResult, RepositoryModel, errors
 from service.oip.wire import WireError, json_object
-from service.protocol.model import repository_index as models_index
 
 router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"])
 LOAD_JSON_VALUES, LOAD_JSON_BYTES = 256, 64 * 1024  # a load takes no parameters: larger is refused unparsed

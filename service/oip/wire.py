@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from service.protocol import tensors
+from service.fronts import tensors
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_TENSORS = 16  # inputs, and outputs asked for, in one request
@@ -217,7 +217,7 @@ def flatten(data: Any, where: str) -> list[Any]:
 
 def split_bytes_elements(raw: bytes | memoryview, where: str, count: int) -> list[bytes]:
     """A binary BYTES tensor of ``count`` elements (its shape's), split by the framing both fronts share
-    (:func:`service.protocol.tensors.split_bytes_elements`: no further than ``count``); a bad framing is a
+    (:func:`service.fronts.tensors.split_bytes_elements`: no further than ``count``); a bad framing is a
     WireError (400)."""
     try:
         return [bytes(element) for element in tensors.split_bytes_elements(raw, where, count)]

@@ -38,7 +38,7 @@ def uvicorn_config(settings: Settings, app: object, **options: object) -> uvicor
         log_level=settings.log_level,
         access_log=False,  # one JSON line per request comes from RequestContext instead
         timeout_graceful_shutdown=settings.request_timeout_s,
-        **uvicorn_bounds(settings),  # header limits, connection deadlines and cap (service/protocol.py)
+        **uvicorn_bounds(settings),  # header limits, connection deadlines and cap (service/http/connection.py)
         **options,
     )
 

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from camcore.cam_methods import METHODS
+from service.fronts import gate
+from service.fronts.model import FAITHFULNESS
+from service.fronts.tensors import TensorError, check_shape
 from service.inference.contract import Engine
 from service.inference.jobs import GradcamJob
 from service.inference.registry import pin
-from service.protocol import gate
-from service.protocol.model import FAITHFULNESS
-from service.protocol.tensors import TensorError, check_shape
 from service.state import ServiceState
 
 PREDICT_OUTPUTS = ("probabilities", "label")

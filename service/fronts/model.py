@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from camcore.cam_methods import DEFAULT_METHOD, METHODS
+from service.fronts.tensors import SIZE
 from service.inference.contract import Engine
-from service.protocol.tensors import SIZE
 from service.state import ServiceState
 
 CAM_SUFFIX = "-cam"
