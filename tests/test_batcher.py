@@ -212,14 +212,17 @@ async def test_two_lanes_run_two_batches_at_once():
 
 
 async def test_idle_lanes_share_the_queue_evenly():
-    # Ten images queued at once with both lanes idle: each lane takes five, rather than one lane
-    # taking a full batch of eight and the other the remaining two.
+    # Ten images queued at once with both lanes idle: no lane takes more than its even share (five),
+    # rather than one lane taking a full batch of eight and the other the remaining two. On a quiet
+    # machine that is two batches of five; on a busy one a lane that wakes late finds less queued and
+    # the rest splits finer ([1, 1, 3, 5] was seen), never into a batch over the share.
     model = FakeModel()
     with ModelThreads(2) as pool:
         batcher, stats = make(model, pool, max_batch_size=8, lanes=2)
         assert await batcher.submit(list(range(10)), timeout_s=5) == [2 * i for i in range(10)]
         await batcher.stop()
-    assert sorted(s.size for s in stats) == [5, 5]
+    sizes = [s.size for s in stats]
+    assert max(sizes) <= 5 and sum(sizes) == 10, sizes
     assert sorted(x for batch in model.batches for x in batch) == list(range(10))
 
 
