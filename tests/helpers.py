@@ -4,6 +4,7 @@ benchmarks share."""
 
 from __future__ import annotations
 
+import os
 import struct
 import tarfile
 import zlib
@@ -25,6 +26,7 @@ __all__ = [
     "make_bundle",
     "make_image_folder",
     "png_declaring",
+    "point",
     "random_image",
     "real_test_slice",
     "served_probabilities",
@@ -157,3 +159,11 @@ def grad_cam_by_hand(model: torch.nn.Module, x: torch.Tensor, layer: str, target
     cam = F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     cam = cam - cam.min()  # min-max once more after upsampling, as pytorch-grad-cam's BaseCAM aggregates
     return cam / (cam.max() + 1e-7)
+
+
+def point(link: Path, target: Path) -> None:
+    """Repoint the served directory at once, as a deployment would (a symlink swapped by rename)."""
+    staged = link.with_name(link.name + ".new")
+    staged.unlink(missing_ok=True)
+    staged.symlink_to(target, target_is_directory=True)
+    os.replace(staged, link)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHIPPED_BUNDLE, shared_cifar_archive
-from helpers import encode, make_bundle, make_image_folder, random_image, real_test_slice
+from helpers import encode, make_bundle, make_image_folder, point, random_image, real_test_slice
 from PIL import Image
 from pydantic import ValidationError
 
@@ -264,13 +263,6 @@ def test_a_corrupt_missing_or_foreign_quantized_network_is_refused_with_a_clear_
     (foreign / METADATA_FILE).write_text(json.dumps(metadata))
     with pytest.raises(BundleError, match=r"quantized network was made from weights 0+, not these"):
         load_bundle(foreign)
-
-
-def point(link: Path, target: Path) -> None:
-    staged = link.with_name(link.name + ".new")
-    staged.unlink(missing_ok=True)
-    staged.symlink_to(target, target_is_directory=True)
-    os.replace(staged, link)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import gc
 import json
-import os
 import re
 import shutil
 import signal
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from harness import camserve, wait_until, wait_until_async
-from helpers import encode, make_bundle, random_image
+from helpers import encode, make_bundle, point, random_image
 
 from camcore.bundle import METADATA_FILE, WEIGHTS_FILE
 from service.app import create_app
@@ -47,14 +46,6 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     weights[-1] ^= 0xFF
     (corrupt / WEIGHTS_FILE).write_bytes(bytes(weights))
     return SimpleNamespace(first=first, second=second, corrupt=corrupt)
-
-
-def point(link: Path, target: Path) -> None:
-    """Repoint the served directory at once, as a deployment would (a symlink swapped by rename)."""
-    staged = link.with_name(link.name + ".new")
-    staged.unlink(missing_ok=True)
-    staged.symlink_to(target, target_is_directory=True)
-    os.replace(staged, link)
 
 
 @pytest.fixture

@@ -181,6 +181,10 @@ PAGE_POLICY = (
 API_POLICY = "default-src 'none'; frame-ancestors 'none'"
 # FastAPI's /docs and /redoc pages run inline scripts of their own: framing refused, nothing else changed.
 DOCS_PATHS = ("/docs", "/redoc")
+# Encoded once: every answer gets one of these three lists.
+_BASE_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"))
+_PAGE_HEADERS = (*_BASE_HEADERS, (b"content-security-policy", PAGE_POLICY.encode()))
+_API_HEADERS = (*_BASE_HEADERS, (b"content-security-policy", API_POLICY.encode()))
 
 
 class SecurityHeaders:
@@ -195,14 +199,11 @@ class SecurityHeaders:
             return
         path = scope["path"]
         if path == "/":
-            policy: bytes | None = PAGE_POLICY.encode()
+            extra = _PAGE_HEADERS
         elif path.startswith(DOCS_PATHS) or path.startswith("/static/"):
-            policy = None
+            extra = _BASE_HEADERS
         else:
-            policy = API_POLICY.encode()
-        extra = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
-        if policy is not None:
-            extra.append((b"content-security-policy", policy))
+            extra = _API_HEADERS
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
