@@ -26,13 +26,14 @@ from camcore.bundle import Bundle, load_bundle
 from service import tracing
 from service.api.openapi import document_limits as api_limits
 from service.api.page import mount_static
+from service.api.predict import DirectPredict
 from service.api.routes import ROUTERS as API_ROUTERS
 from service.decoding.budget import release_free_memory
 from service.decoding.pool import DecodeLimits, Decoder
 from service.grpc.server import GrpcServer
 from service.http.auth import document_security
 from service.http.errors import install_error_handlers
-from service.http.middleware import BodyLimit, RelativeRedirects, RequestContext, SecurityHeaders
+from service.http.front import Front
 from service.inference.batcher import DynamicBatcher, ModelThreads
 from service.inference.contract import BatchFunction, run_gradcam, run_predict
 from service.inference.cpus import available_cpus
@@ -247,8 +248,14 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "X-Request-ID"],
         )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(RelativeRedirects)
-    app.add_middleware(SecurityHeaders)
-    app.add_middleware(RequestContext, metrics=metrics, log_requests=settings.log_requests)
+    app.add_middleware(
+        Front,
+        metrics=metrics,
+        max_body_bytes=settings.max_upload_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        log_requests=settings.log_requests,
+        # CORS answers from a middleware inside the front: with it on, every request takes the FastAPI routes.
+        direct=() if settings.cors_origins else (DirectPredict(app.state.camserve),),
+        exception_handlers=app.exception_handlers,  # the one error path, filled by install_error_handlers
+    )
     return app

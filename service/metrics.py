@@ -65,6 +65,9 @@ class ServiceMetrics:
             multiprocess_mode="livesum",
         )
         self.model = Info("camserve_model", "The model being served", registry=r)
+        # Each request's labelled children, looked up once per label set: ``labels()`` takes a lock and
+        # builds a key on every call, a few microseconds each on the path of every request.
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         # What /metrics exposes: this registry, or every worker's files plus this worker's Info.
         self.exposed = r
         self.multiprocess = multiprocess_dir is not None
@@ -72,6 +75,16 @@ class ServiceMetrics:
             self.exposed = CollectorRegistry()
             MultiProcessCollector(self.exposed, path=multiprocess_dir)
             self.exposed.register(self.model)
+
+    def request_done(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        """One answered request: counted by endpoint, method and status; its latency by endpoint."""
+        key = (endpoint, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(endpoint, method, str(status)), self.latency.labels(endpoint))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def model_installed(self, bundle: Bundle, engine: Engine) -> None:
         """The model now serving (on start-up and after every reload)."""

@@ -19,7 +19,7 @@ import pytest
 from helpers import encode, random_image
 
 from service.app import create_app
-from service.http.middleware import PAGE_POLICY
+from service.http.answer_headers import PAGE_POLICY
 from service.settings import Settings
 
 STATIC = Path(__file__).resolve().parent.parent / "service" / "static"

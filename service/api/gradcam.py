@@ -12,7 +12,7 @@ from camcore.cam_methods import DEFAULT_METHOD, MethodName
 from service.api.render import overlay, png_base64, png_bytes
 from service.api.schemas import ERRORS, GradcamResponse
 from service.http.admission import admitted, submit
-from service.http.image_body import read_images
+from service.http.image_body import read_request_images
 from service.http.raw_body import REQUEST_BODY_OPENAPI
 from service.inference.jobs import GradcamJob
 from service.inference.registry import pin
@@ -72,7 +72,7 @@ async def gradcam(
     if layer not in layers:
         raise HTTPException(422, f"unknown layer {layer!r}; valid layers: {layers}")
     target_index = _resolve_target(target, classes)
-    names, images = await read_images(request, state)
+    names, images = await read_request_images(request, state)
     if format == "png" and len(images) != 1:
         raise HTTPException(422, "format=png returns one image: send exactly one file")
     road = faithfulness == "road"

@@ -42,13 +42,24 @@ def not_ready(state: ServiceState) -> Refused | None:
     return Refused(503, "service is shutting down" if status == "draining" else "service is not ready")
 
 
-def key_accepted(state: ServiceState, supplied: bytes) -> bool:
-    """No key is set, or ``supplied`` is it (compared as bytes, in constant time); a refusal is counted."""
+def key_matches(state: ServiceState, supplied: bytes) -> bool:
+    """No key is set, or ``supplied`` is it (compared as bytes, in constant time). Counts nothing."""
     expected = state.settings.api_key
-    if expected is None or hmac.compare_digest(supplied, expected.get_secret_value().encode("utf-8")):
+    return expected is None or hmac.compare_digest(supplied, expected.get_secret_value().encode("utf-8"))
+
+
+def key_accepted(state: ServiceState, supplied: bytes) -> bool:
+    """:func:`key_matches`; a refusal is counted."""
+    if key_matches(state, supplied):
         return True
     state.metrics.rejections.labels("unauthorized").inc()
     return False
+
+
+def has_room(state: ServiceState, batcher_name: str) -> bool:
+    """The endpoint's queue takes images now (no refusal to count: :func:`queue_refusal` says why not)."""
+    batcher = state.batchers[batcher_name]
+    return not state.draining and batcher.accepting and batcher.free > 0
 
 
 def queue_refusal(state: ServiceState, batcher_name: str) -> Refused | None:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from service.fronts import gate
 from service.fronts.gate import Readiness as Readiness
@@ -73,7 +74,7 @@ def admitted(batcher_name: str) -> Any:
     return Annotated[ServiceState, Depends(dependency)]
 
 
-async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+async def _unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T:
     """``await work``, cancelled as soon as the client disconnects (then :class:`ClientDisconnect`, a 499).
 
     The body has been read by now, so the next ASGI message is ``http.disconnect``: under uvicorn it
@@ -89,7 +90,7 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     async def watch() -> None:
         nonlocal left
         try:
-            while (await request.receive())["type"] != "http.disconnect":
+            while (await receive())["type"] != "http.disconnect":
                 pass  # body bytes after the body (none with a well-behaved server): nothing to do with them
         except Exception:  # a receive that fails cannot tell us anything: stop watching
             return
@@ -112,9 +113,14 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
 async def submit(state: ServiceState, batcher_name: str, payloads: list, request: Request | None = None) -> list:
     """Submit to an endpoint's batcher, turning its refusals into HTTP answers; with ``request``, the
     images that have not started are dropped when its client disconnects."""
+    return await submit_watching(state, batcher_name, payloads, None if request is None else request.receive)
+
+
+async def submit_watching(state: ServiceState, batcher_name: str, payloads: list, receive: Receive | None) -> list:
+    """:func:`submit` for a caller holding the ASGI ``receive`` (the front's direct routes)."""
     work = gate.submit(state, batcher_name, payloads)
     try:
-        return await (work if request is None else _unless_client_leaves(request, work))
+        return await (work if receive is None else _unless_client_leaves(receive, work))
     except gate.Refused as exc:
         headers = retry_after(state) if exc.status == 503 else None
         raise HTTPException(exc.status, str(exc), headers=headers) from None

@@ -11,7 +11,7 @@ sends it as before.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, HTTPException
@@ -41,7 +41,23 @@ def header_bytes(value: str) -> bytes:
     return value.encode("latin-1")
 
 
-def supplied_key(headers: Headers) -> str:
+class _Latin1Headers:
+    """Raw ASGI headers (lower-cased names, the first of each) read as Starlette's ``Headers.get`` reads them."""
+
+    def __init__(self, raw: Mapping[bytes, bytes]) -> None:
+        self._raw = raw
+
+    def get(self, name: str) -> str | None:
+        value = self._raw.get(name.lower().encode("latin-1"))
+        return None if value is None else value.decode("latin-1")
+
+
+def key_in_raw_headers(raw: Mapping[bytes, bytes]) -> bytes:
+    """:func:`supplied_key`'s bytes from raw ASGI headers (the front's direct routes)."""
+    return header_bytes(supplied_key(_Latin1Headers(raw)))
+
+
+def supplied_key(headers: Headers | _Latin1Headers) -> str:
     """``X-API-Key: <key>``, else ``Authorization: Bearer <key>`` (the scheme in any case), as
     FastAPI's ``APIKeyHeader`` and ``HTTPBearer`` read them; empty when neither is there."""
     key = headers.get(API_KEY_HEADER.model.name)

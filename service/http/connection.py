@@ -15,7 +15,7 @@ What plain uvicorn 0.54 does (read from ``uvicorn/protocols/http/httptools_impl.
   that sends nothing after connecting, or half a request line, or a header a byte at a time, stays open
   for good. Here a connection that has not started a request within ``idle_timeout_s`` is closed, and
   one that started a request but has not finished its headers ``header_timeout_s`` after its first
-  byte gets 408 and is closed. (The body has its own deadline, in :class:`service.middleware.BodyLimit`.)
+  byte gets 408 and is closed. (The body has its own deadline, in :class:`service.http.body_limit.BoundedReceive`.)
 * On a half-close (the client's ``shutdown(SHUT_WR)`` after its request), ``eof_received`` returned
   None, so asyncio closed the transport and the answer was dropped while the app logged 200. Here a
   request that arrived complete keeps the connection open for its answer, then it is closed; one cut
@@ -63,7 +63,7 @@ class HeadersTooLarge(Exception):
     pass
 
 
-NOSNIFF = b"x-content-type-options: nosniff\r\n"  # as service.http.middleware.SecurityHeaders adds above
+NOSNIFF = b"x-content-type-options: nosniff\r\n"  # as service.http.answer_headers adds above
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -237,7 +237,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        self._unbodied = 0  # body bytes have their own limit (service.http.middleware.BodyLimit)
+        self._unbodied = 0  # body bytes have their own limit (service.http.body_limit.BoundedReceive)
         super().on_body(body)
 
     def on_message_complete(self) -> None:

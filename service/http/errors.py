@@ -21,8 +21,8 @@ from starlette.requests import ClientDisconnect
 
 from service.decoding.budget import DecodeBusy
 from service.decoding.probe import ImageRejected
+from service.http.body_limit import BodyTimeout, BodyTooLarge
 from service.http.error_shape import error_content, is_protocol_path
-from service.http.middleware import BodyTimeout, BodyTooLarge
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger("camserve")

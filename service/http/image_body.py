@@ -1,7 +1,14 @@
 """The images of a request body, read and decoded: one raw image (``Content-Type: image/*``) or the
-``files`` of a multipart form, each priced, budgeted and decoded off the loop (:mod:`service.decoding`)."""
+``files`` of a multipart form, each priced, budgeted and decoded off the loop (:mod:`service.decoding`).
+
+Both the FastAPI routes (:func:`read_request_images`) and the front's direct routes (which read the
+ASGI messages themselves) come through :func:`read_images`, so a body means the same either way.
+"""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterable, MutableMapping
+from typing import Any
 
 import torch
 from fastapi import Request
@@ -11,13 +18,32 @@ from service.http.uploads import read_uploads
 from service.state import ServiceState
 
 
-async def read_images(request: Request, state: ServiceState) -> tuple[list[str], list[torch.Tensor]]:
-    """(filenames, uint8 images) in the order sent; the count goes into the request's log line."""
+async def read_images(
+    state: ServiceState,
+    content_type: str,
+    disposition: str | None,
+    chunks: AsyncIterable[bytes],
+    request_state: MutableMapping[str, Any],
+) -> tuple[list[str], list[torch.Tensor]]:
+    """(filenames, uint8 images) in the order sent; the count goes into the request's log line (``request_state``)."""
     settings = state.settings
-    if is_raw_image(request.headers.get("content-type", "")):
-        files = await read_raw_image(request)
+    if is_raw_image(content_type):
+        files = await read_raw_image(disposition, chunks)
     else:
-        files = await read_uploads(request, max_files=settings.max_files, max_bytes=settings.max_upload_bytes)
+        limits = {"max_files": settings.max_files, "max_bytes": settings.max_upload_bytes}
+        files = await read_uploads(content_type, chunks, **limits)
     images = await state.decoder.decode(files)
-    request.state.images = len(images)
+    request_state["images"] = len(images)
     return [name for name, _ in files], images
+
+
+async def read_request_images(request: Request, state: ServiceState) -> tuple[list[str], list[torch.Tensor]]:
+    """:func:`read_images` of a FastAPI route's request."""
+    headers = request.headers
+    return await read_images(
+        state,
+        headers.get("content-type", ""),
+        headers.get("content-disposition"),
+        request.stream(),
+        request.scope.setdefault("state", {}),
+    )

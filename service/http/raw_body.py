@@ -10,7 +10,10 @@ arrival time are bounded by the same middleware as any other body.
 
 from __future__ import annotations
 
-from fastapi import Request
+from collections.abc import AsyncIterable, AsyncIterator
+
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from service.http.disposition import filename
 from service.http.uploads import IMAGE_TYPES, MULTIPART_OPENAPI
@@ -37,12 +40,25 @@ def is_raw_image(content_type: str) -> bool:
     return content_type[:6].lower() == "image/"
 
 
-def _filename(request: Request) -> str:
+def raw_name(disposition: str | None) -> str:
     """The name from an optional ``Content-Disposition: inline; filename="cat.jpg"``, for answers and errors."""
-    disposition = request.headers.get("content-disposition")
     return (filename(disposition) if disposition else None) or DEFAULT_NAME
 
 
-async def read_raw_image(request: Request) -> list[tuple[str, bytes]]:
+async def read_raw_image(disposition: str | None, chunks: AsyncIterable[bytes]) -> list[tuple[str, bytes]]:
     """The body as the one upload of this request: [(filename, bytes)]."""
-    return [(_filename(request), await request.body())]
+    parts = [chunk async for chunk in chunks]
+    return [(raw_name(disposition), parts[0] if len(parts) == 1 else b"".join(parts))]
+
+
+async def asgi_body(receive: Receive) -> AsyncIterator[bytes]:
+    """The body's chunks straight from ASGI ``receive`` (as Starlette's ``Request.stream``, without a Request)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body = message.get("body", b"")
+        if body:
+            yield body
+        if not message.get("more_body", False):
+            return

@@ -1,10 +1,13 @@
-"""Reading the ``files`` field of a multipart upload, with limits; decoding is :mod:`service.decoding.pool`'s."""
+"""Reading the ``files`` field of a multipart upload, with limits (:mod:`service.http.multipart`);
+decoding is :mod:`service.decoding.pool`'s."""
 
 from __future__ import annotations
 
-from fastapi import HTTPException, Request
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from collections.abc import AsyncIterable
+
+from fastapi import HTTPException
+
+from service.http.multipart import read_files
 
 FIELD = "files"
 MULTIPART = "multipart/form-data"
@@ -35,24 +38,20 @@ MULTIPART_OPENAPI = {
 }
 
 
-async def read_uploads(request: Request, *, max_files: int, max_bytes: int) -> list[tuple[str, bytes]]:
-    """(filename, bytes) of every file in ``files``, in the order sent."""
-    content_type = request.headers.get("content-type", "")
-    if content_type.partition(";")[0].strip().lower() != MULTIPART:  # not a prefix: multipart/form-dataX is not it
+MAX_FIELDS = 32  # text fields a form may carry besides its files (none are read)
+
+
+def is_multipart(content_type: str) -> bool:
+    """Exactly ``multipart/form-data`` (any parameters): not a prefix, ``multipart/form-dataX`` is not it."""
+    return content_type.partition(";")[0].strip().lower() == MULTIPART
+
+
+async def read_uploads(
+    content_type: str, chunks: AsyncIterable[bytes], *, max_files: int, max_bytes: int
+) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of every file in ``files``, in the order sent; 415 when the body is not a form."""
+    if not is_multipart(content_type):
         raise HTTPException(415, f"send images as {MULTIPART} in the field '{FIELD}' (got {content_type!r})")
-    try:
-        form = await request.form(max_files=max_files, max_fields=32, max_part_size=max_bytes)
-    except StarletteHTTPException as exc:  # Starlette's multipart errors
-        if "Too many files" in str(exc.detail):
-            raise HTTPException(413, f"too many files: at most {max_files} per request") from None
-        raise HTTPException(400, f"malformed multipart body: {exc.detail}") from None
-    try:
-        uploads = form.getlist(FIELD)
-        files = [u for u in uploads if isinstance(u, UploadFile)]
-        if not files:
-            raise HTTPException(422, f"no files: send one or more images in the multipart field '{FIELD}'")
-        if len(files) != len(uploads):
-            raise HTTPException(422, f"field '{FIELD}' must hold files, not text")
-        return [(upload.filename or f"file{i}", await upload.read()) for i, upload in enumerate(files)]
-    finally:
-        await form.close()
+    return await read_files(
+        content_type, chunks, field=FIELD, max_files=max_files, max_fields=MAX_FIELDS, max_part_size=max_bytes
+    )

@@ -36,7 +36,7 @@ def uvicorn_config(settings: Settings, app: object, **options: object) -> uvicor
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        access_log=False,  # one JSON line per request comes from RequestContext instead
+        access_log=False,  # one JSON line per request comes from service.http.front.Front instead
         timeout_graceful_shutdown=settings.request_timeout_s,
         **uvicorn_bounds(settings),  # header limits, connection deadlines and cap (service/http/connection.py)
         **options,
