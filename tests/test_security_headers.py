@@ -53,7 +53,7 @@ REQUESTS = [
     ("DELETE", "/predict", {}),
     ("POST", "/predict", {"files": [("files", ("a.png", PNG, "image/png"))]}),
     ("POST", "/predict", {"content": b"x", "headers": {"content-type": "text/plain"}}),
-    ("POST", "/predict", {"content": b"x" * 200_000, "headers": {"content-type": "image/png"}}),  # BodyLimit's 413
+    ("POST", "/predict", {"content": b"x" * 200_000, "headers": {"content-type": "image/png"}}),  # body_limit.py's 413
     ("POST", "/predict?top_k=99", {"files": [("files", ("a.png", PNG, "image/png"))]}),
     ("GET", "/v2", {}),
     ("GET", "/v2/health/ready", {}),

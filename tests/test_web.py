@@ -84,7 +84,7 @@ def _open(browser: Browser, server: Server, **context_options) -> Iterator[Page]
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    # The page's Content-Security-Policy (service/http/middleware.py) must not block anything it does.
+    # The page's Content-Security-Policy (service/http/answer_headers.py) must not block anything it does.
     page.add_init_script(
         "document.addEventListener('securitypolicyviolation', e => "
         "console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI || 'inline'}`))"
