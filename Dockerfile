@@ -91,8 +91,9 @@ RUN case "${TORCH_VARIANT}" in \
     esac \
     && pip check
 
-# Then the project itself, as a wheel, without touching the dependencies.
-COPY README.md ./
+# Then the project itself, as a wheel, without touching the dependencies (pyproject.toml: the wheel's
+# metadata and packages; the locks above are what installed its dependencies).
+COPY pyproject.toml README.md ./
 COPY camcore ./camcore
 COPY service ./service
 COPY training ./training
