@@ -5,7 +5,7 @@
 #   docker build -t camserve .
 #   docker run --rm -p 8000:8000 -p 8001:8001 camserve     # REST on 8000, gRPC on 8001
 #
-# A CPU-only image (torch without CUDA: 1.3 GB to pull instead of 6.1 GB), for CPU nodes:
+# A CPU-only image (torch without CUDA, with OpenVINO: 1.7 GB to pull instead of 6.2 GB), for CPU nodes:
 #
 #   docker build --build-arg TORCH_VARIANT=cpu -t camserve:cpu .
 #
@@ -91,8 +91,9 @@ RUN case "${TORCH_VARIANT}" in \
     esac \
     && pip check
 
-# Then the project itself, as a wheel, without touching the dependencies.
-COPY README.md ./
+# Then the project itself, as a wheel, without touching the dependencies (pyproject.toml: the wheel's
+# metadata and packages; the locks above are what installed its dependencies).
+COPY pyproject.toml README.md ./
 COPY camcore ./camcore
 COPY service ./service
 COPY training ./training
