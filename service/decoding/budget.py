@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import threading
 from collections import deque
 
@@ -75,12 +74,13 @@ def _wake(waiter: asyncio.Future) -> None:
 
 
 def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
+    """The C library this process runs on, from its own symbols: ``ctypes.util.find_library`` would run
+    ``ldconfig`` (a subprocess at import time) to find a file the process has already loaded."""
     try:
-        libc = ctypes.CDLL(name) if name else None
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # glibc only (not musl)
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc only (not musl)
 
 
 _LIBC = _libc()
