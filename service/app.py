@@ -16,11 +16,13 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from camcore.bundle import Bundle, load_bundle
 from service import tracing
@@ -216,18 +218,32 @@ def _document_limits(app: FastAPI, state: ServiceState) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+class CamserveApp(FastAPI):
+    """FastAPI with :class:`service.http.front.Front` outside all of its middleware, Starlette's
+    ``ServerErrorMiddleware`` included: a direct route passes no layer it does not need, and even the 500 of
+    an unexpected error gets the request id, the security headers, its metrics and its log line."""
+
+    front: Front | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.front is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.front(scope, receive, send)
+
+
 def create_app(
     settings: Settings | None = None,
     bundle: Bundle | None = None,
     *,
     cpus: int | None = None,
     worker: WorkerView | None = None,
-) -> FastAPI:
+) -> CamserveApp:
     """Build the service. ``bundle`` lets a caller that already loaded (and validated) it skip a reload;
     ``cpus`` and ``worker``: one worker process of several (service/runtime/worker_app.py)."""
     settings = settings or Settings()
     metrics = ServiceMetrics(multiprocess_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") if worker else None)
-    app = FastAPI(
+    app = CamserveApp(
         title="camserve",
         summary="CIFAR-10 ResNet predictions and Grad-CAM explanations, dynamically batched.",
         version="0.1.0",
@@ -248,8 +264,8 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "X-Request-ID"],
         )
-    app.add_middleware(
-        Front,
+    app.front = Front(
+        partial(FastAPI.__call__, app),
         metrics=metrics,
         max_body_bytes=settings.max_upload_bytes,
         body_timeout_s=settings.body_timeout_s,

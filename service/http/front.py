@@ -1,5 +1,6 @@
 """The one ASGI layer every HTTP request passes (pure ASGI: no ``BaseHTTPMiddleware``, which costs a task
-per request), and the door that lets a hot endpoint skip FastAPI's routing.
+per request), and the door that lets a hot endpoint skip FastAPI's routing. It wraps the whole FastAPI
+app, Starlette's own middleware included (``service.app.CamserveApp``).
 
 For every request, in one pass and one wrapper of ``send`` and ``receive``:
 

@@ -191,6 +191,8 @@ class DynamicBatcher(Generic[Payload, Result]):
         self._arrived.set()
         try:
             async with asyncio.timeout(timeout_s):
+                if len(items) == 1:  # a single image, the common request: no gathering future to build
+                    return [await items[0].future]
                 return list(await asyncio.gather(*(item.future for item in items)))
         finally:
             for item in items:  # timeout or client gone: the worker drops these rows
