@@ -166,3 +166,21 @@ async def test_cors_keeps_every_request_on_the_routes(bundle_dir: Path, taken) -
         answer = await client.post("/predict", **raw(encode(random_image(3)), origin="https://app.example"))
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://app.example"
     assert taken == []
+
+
+async def test_an_unexpected_error_is_a_500_with_the_request_id_either_way(bundle_dir: Path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("service.api.predict.answer", broken)
+    app = create_app(settings_for(bundle_dir))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # the route's error is re-raised
+        async with httpx.AsyncClient(transport=transport, base_url="http://camserve") as client:
+            image = encode(random_image(4))
+            for path in ("/predict", "/predict?via=route"):
+                answer = await client.post(path, **raw(image))
+                request_id = answer.headers["x-request-id"]
+                assert answer.status_code == 500 and answer.headers["x-content-type-options"] == "nosniff"
+                assert answer.json() == {"detail": f"internal error (RuntimeError); request id {request_id}"}
+            assert (await client.get("/readyz")).status_code == 200
