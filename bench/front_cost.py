@@ -5,7 +5,8 @@ Part 1, the front alone (``CAMSERVE_ENGINE=null``: answers of the right shape, n
 
 * the floors (``bench/floor_apps.py`` under ``uvicorn --http httptools``, one process): a bare ASGI
   callable, a Starlette route and a FastAPI route reading the raw body, and a FastAPI route reading the
-  multipart form's one file, each answering a fixed top-3 JSON;
+  multipart form's one file, each answering a fixed top-3 JSON (and, beside them, that last route decoding the
+  PNG with Pillow too); camserve runs on the same uvicorn, with its own bounded httptools protocol;
 * camserve with the null engine: one 32x32 PNG as the raw body and as a multipart upload (``hey -c 32``),
   and one 1600x1200 JPEG of about 1 MB as the raw body (``-c 4``; the FastAPI floor with the same photo too);
 * the photo's own decode in this process, Pillow's reduced-scale decode as camserve asks for it
@@ -77,6 +78,7 @@ FLOORS = {  # floor_apps app -> the bodies it is loaded with
     "starlette": ("raw",),
     "fastapi": ("raw", "photo"),
     "fastapi_multipart": ("multipart",),
+    "fastapi_multipart_decode": ("multipart",),  # no target's floor: the same route decoding the PNG too
 }
 CAMSERVE_NULL = ("raw", "multipart", "photo")
 PHOTO_QUALITY = 90  # 1600x1200 at quality 90: 1.02 MB, the "1 MB photo"

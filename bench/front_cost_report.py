@@ -26,6 +26,7 @@ LABELS = {
     "starlette": "Starlette route",
     "fastapi": "FastAPI route",
     "fastapi_multipart": "FastAPI route + multipart read",
+    "fastapi_multipart_decode": "FastAPI route + multipart read + Pillow decode",
 }
 
 
