@@ -21,6 +21,7 @@ MULTIPART_EXTRA_US = 250
 PHOTO_DECODE_RATIO = 1.3
 C32_CEILING_RATIO = 0.45
 C32_P99_MS = 100.0
+LOADED_SHARE = 0.1  # others' share of the cores above which a row is called loaded
 LABELS = {
     "asgi": "bare ASGI",
     "starlette": "Starlette route",
@@ -144,6 +145,16 @@ def markdown(record: dict) -> str:
         f"{machine['load_average_at_end'][0]:.2f} at the end; processes outside this run took "
         f"{max(others):.1%} of the cores at most during a row (mean {sum(others) / len(others):.1%}; "
         "the `others` column: machine busy time minus this run's processes and hey, over the row's wall time).",
+        *(
+            [
+                "",
+                f"**The machine was shared during this run** (others over {LOADED_SHARE:.0%} of the cores in "
+                f"{sum(share > LOADED_SHARE for share in others)} of {len(others)} rows): throughput and latency "
+                "suffer first, CPU per request less so; re-run on a quiet machine before reading a verdict as final.",
+            ]
+            if max(others) > LOADED_SHARE
+            else []
+        ),
         "",
         f"## 1. The front alone (null engine, one process), {settings['seconds']:g} s per row after 1 s of warm-up",
         "",

@@ -90,6 +90,12 @@ def test_every_target_is_met_by_figures_that_meet_it() -> None:
     assert verdicts(record()) == [True] * 8
     text = markdown(checked)
     assert "| 150 | <= 200 | met |" in text and "not met" not in text
+    assert "machine was shared" not in text
+    loaded = record()
+    loaded["front"]["camserve/raw"]["others_cpu_share"] = 0.4  # another process took 40% of the cores
+    assert "machine was shared during this run** (others over 10% of the cores in 1 of 12 rows)" in markdown(
+        with_verdicts(loaded)
+    )
 
 
 def test_each_target_fails_when_its_own_figure_does() -> None:
