@@ -218,11 +218,13 @@ def _served(record: dict) -> list[str]:
         "`decode_image`, max batch 32, 5 ms batch timeout, one inference worker. One server up at a time; one "
         "32x32 PNG per multipart request. Ceiling: the model alone at batch 32 in its own process "
         f"(`bench/runtimes.py`'s child: {runtime} {precision}, {lanes} stream(s)/caller(s), all cores), "
-        f"{settings['ceiling_seconds']:g} s before the first point and after every point.",
+        f"{settings['ceiling_seconds']:g} s before the first point and after every point. The last column: the "
+        "share of the cores every other process (the idle server included) took while each ceiling ran.",
         "",
         "| server | c | images/s | p50 ms | p99 ms | server CPU us/image | hey CPU us/request | "
-        "ceiling before -> after, images/s | over the ceiling | ceiling CPU us/image | others |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "ceiling before -> after, images/s | over the ceiling | ceiling CPU us/image | others | "
+        "others during the ceilings |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in served["points"]:
         before, after = p["ceiling_before"], p["ceiling_after"]
@@ -231,7 +233,8 @@ def _served(record: dict) -> list[str]:
             f"{p['server_cpu_us_per_request']} | {p['hey_cpu_us_per_request']} | "
             f"{before['images_per_s']:,.0f} -> {after['images_per_s']:,.0f} | "
             f"{p['req_per_s'] / p['ceiling_mean']:.2f} | "
-            f"{round((before['cpu_us_per_image'] + after['cpu_us_per_image']) / 2)} | {p['others_cpu_share']:.0%} |"
+            f"{round((before['cpu_us_per_image'] + after['cpu_us_per_image']) / 2)} | {p['others_cpu_share']:.0%} | "
+            f"{before.get('besides_cpu_share', 0):.0%}, {after.get('besides_cpu_share', 0):.0%} |"
         )
     derived = record["derived"]
     if "c32_ceiling_ratio" in derived:
