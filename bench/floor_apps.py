@@ -1,9 +1,9 @@
-"""The least an HTTP front in this stack can do per request, as ASGI apps for ``bench/http_floor.py``.
+"""The least an HTTP front in this stack can do per request, as ASGI apps for ``bench/front_cost.py``.
 
 Each app answers ``POST /predict`` with a fixed answer of camserve's shape (one image, top 3), doing
-only what its name says; none runs a model. Served by the same uvicorn (httptools) as camserve, they
-measure the CPU a request costs before camserve's own work: the floor under issue 16's target of
-"the server's CPU per image <= the bare model's + 250 us".
+only what its name says; none runs a model. Served by uvicorn (httptools), one process, they measure
+the CPU a request costs before camserve's own work: issue 26 holds camserve's null-engine front to the
+FastAPI route + 200 us (raw body) and the FastAPI route with a multipart read + 250 us.
 
 * ``asgi``: bare ASGI callable: read the body, write the JSON (the server and protocol alone);
 * ``starlette``: one Starlette route reading ``request.body()``;
@@ -103,6 +103,3 @@ async def _fastapi_multipart_decode_predict(request: Request) -> JSONResponse:
     with Image.open(io.BytesIO(data)) as image:
         np.asarray(image.convert("RGB").resize((32, 32)))
     return JSONResponse(ANSWER)
-
-
-APPS = ["asgi", "starlette", "fastapi", "fastapi_multipart", "fastapi_multipart_decode"]

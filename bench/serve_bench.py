@@ -183,11 +183,15 @@ class Launcher:
             **{"log_requests": "false", **settings},
         )
 
-    def litserve(self, model_dir: Path, precision: str) -> contextlib.AbstractContextManager[Server]:
-        """``bench/litserve_server.py`` with the issue's batching: up to 32 images, 5 ms timeout."""
+    def litserve(
+        self, model_dir: Path, precision: str, runtime: str | None = None
+    ) -> contextlib.AbstractContextManager[Server]:
+        """``bench/litserve_server.py`` with the issue's batching: up to 32 images, 5 ms timeout; on
+        ``runtime`` (torch, openvino; None: the peer's default for the precision)."""
         port = free_port()
         command = [sys.executable, str(ROOT / "bench" / "litserve_server.py"), "--model-dir", str(model_dir)]
         command += ["--port", str(port), "--precision", precision]
+        command += ["--runtime", runtime] if runtime else []
         command += ["--max-batch-size", str(LITSERVE["max_batch_size"])]
         command += ["--batch-timeout", str(LITSERVE["batch_timeout_s"])]
         command += ["--workers", str(LITSERVE["workers_per_device"])]
